@@ -1,0 +1,115 @@
+"""timm encoders: any timm CNN, its last feature map (``forward_features``) as the grid.
+
+A ViT named here (``timm:vit_base_patch16_224``) is handed to the ViT-as-grid encoder.
+Pretrained weights come from, in order: ``--encoder-weights FILE``, an offline source that a
+plugin registered (``register_weights``), timm's own download from the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sat_cli.backbone import Encoder, load_into, load_weights_file
+from sat_cli.encoders import EncoderFamily, EncoderOptions, Preprocess, offline_weights, unknown_name_error
+from sat_cli.errors import WeightsError
+from sat_cli.hookspecs import hookimpl
+
+
+def _list_names():
+    import timm
+
+    return timm.list_models()
+
+
+FAMILY = EncoderFamily(
+    prefix="timm",
+    build=lambda name, options: build(name, options),
+    description=(
+        "any timm CNN (EfficientNet, ResNet, ConvNeXt, ...): its last feature map, native grid "
+        "unless --grid; timm ViTs become patch grids. tf_efficientnet_lite0 has offline weights"
+    ),
+    examples=("timm:tf_efficientnet_lite0", "timm:efficientnet_b3", "timm:convnext_tiny"),
+    list_names=_list_names,
+)
+
+
+@hookimpl
+def register_encoders(register):
+    register(FAMILY)
+
+
+class TimmCNNEncoder(Encoder):
+    def __init__(self, spec, preprocess, out_dim, grid, model, channels_last: bool):
+        super().__init__(spec, preprocess, out_dim, grid)
+        self.backbone = model
+        self.channels_last = channels_last  # some timm models return (B, h, w, C)
+
+    def feature_map(self, x):
+        fmap = self.backbone.forward_features(x)
+        return fmap.permute(0, 3, 1, 2) if self.channels_last else fmap  # (B, C, h, w)
+
+
+def create_model(prefix: str, name: str, options: EncoderOptions, family: EncoderFamily = FAMILY):
+    """The whole timm model, classifier included, with the weights the options ask for."""
+    import timm
+
+    if not timm.is_model(name):
+        raise unknown_name_error(family, name)
+    spec = f"{prefix}:{name}"
+    offline = offline_weights().get(spec) or offline_weights().get(f"timm:{name}")
+    if options.weights or not options.pretrained or offline:
+        model = timm.create_model(name, pretrained=False)
+        if options.weights:
+            load_into(model, load_weights_file(options.weights), options.weights)
+        elif options.pretrained:
+            loader, description = offline
+            load_into(model, loader(), description or spec)
+    else:
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as exc:
+            cfg = timm.models.get_pretrained_cfg(name)
+            hub = getattr(cfg, "hf_hub_id", None) if cfg else None
+            where = f"the Hugging Face Hub repo {hub} (file model.safetensors)" if hub else "its download URL"
+            raise WeightsError(
+                f"timm could not load pretrained weights for {name} from {where} "
+                f"({type(exc).__name__}: {str(exc)[:200]}). Offline? Download that file elsewhere and "
+                "pass --encoder-weights PATH, or point HF_HOME at a cache that holds it."
+            ) from exc
+    return model.eval()
+
+
+def preprocess_for(model, options: EncoderOptions) -> Preprocess:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    _, height, width = cfg["input_size"]
+    if options.image_size and not model.pretrained_cfg.get("fixed_input_size", False):
+        height = width = options.image_size
+    interpolation = cfg.get("interpolation", "bicubic")
+    return Preprocess(
+        size=(height, width),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bicubic",
+    )
+
+
+def is_vit(model) -> bool:
+    return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") and hasattr(
+        model, "forward_intermediates"
+    )
+
+
+def build(name: str, options: EncoderOptions) -> Encoder:
+    model = create_model("timm", name, options)
+    if is_vit(model):
+        from sat_cli_plugins.vit_grid import wrap_vit
+
+        return wrap_vit(f"timm:{name}", model, options)
+    preprocess = preprocess_for(model, options)
+    model.reset_classifier(0)
+    with torch.no_grad():  # one small forward tells the layout of the feature map
+        out = model.forward_features(torch.zeros(1, 3, *preprocess.size))
+    channels_last = out.shape[1] != model.num_features and out.shape[-1] == model.num_features
+    return TimmCNNEncoder(f"timm:{name}", preprocess, model.num_features, options.grid, model, channels_last).eval()

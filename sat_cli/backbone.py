@@ -1,0 +1,96 @@
+"""The Encoder module every plugin returns: image batch in, grid of feature vectors out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoders import Preprocess
+from .errors import WeightsError
+
+
+class Encoder(nn.Module):
+    """Base class. Subclasses set ``self.backbone`` and implement :meth:`feature_map`.
+
+    ``forward`` takes uint8 images (B, 3, H, W) already resized to ``preprocess.size``,
+    normalizes them on the model's device and returns features (B, P, C), P = grid cells.
+    """
+
+    def __init__(self, spec: str, preprocess: Preprocess, out_dim: int, grid: int | None = None):
+        super().__init__()
+        self.spec = spec
+        self.preprocess = preprocess
+        self.out_dim = out_dim  # C
+        self.grid = grid
+        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
+        self._grid_shape: tuple[int, int] | None = None
+
+    def set_preprocess(self, preprocess: Preprocess):
+        """Use a checkpoint's recorded preprocessing (size, mean, std)."""
+        self.preprocess = preprocess
+        self.mean.copy_(torch.tensor(preprocess.mean).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(preprocess.std).view(1, 3, 1, 1))
+        self._grid_shape = None
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized images (B, 3, H, W) -> feature map (B, C, h, w)."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        x = (x - self.mean) / self.std
+        fmap = self.feature_map(x)  # (B, C, h, w)
+        if self.grid and tuple(fmap.shape[-2:]) != (self.grid, self.grid):
+            fmap = F.adaptive_avg_pool2d(fmap, self.grid)
+        self._grid_shape = tuple(fmap.shape[-2:])
+        return fmap.flatten(2).transpose(1, 2)  # (B, P, C)
+
+    def grid_shape(self) -> tuple[int, int]:
+        """(h, w) of the feature grid for an input of ``preprocess.size``."""
+        if self._grid_shape is None:
+            p = next(self.parameters())
+            with torch.no_grad():
+                self(torch.zeros(1, 3, *self.preprocess.size, dtype=torch.uint8, device=p.device))
+        return self._grid_shape
+
+
+def load_weights_file(path: str) -> dict:
+    """A state dict from a .safetensors file or a .pth/.pt file of tensors (never unpickles code)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise WeightsError(f"Encoder weights file not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"Could not read encoder weights from {p}: {exc}") from exc
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{p} does not hold a state dict")
+    return state
+
+
+def load_into(module: nn.Module, state: dict, source: str, ignore_prefixes: tuple[str, ...] = ()):
+    """Load a state dict strictly, but let classifier heads we drop anyway be missing or extra."""
+    state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
+    own = {k for k in module.state_dict() if not k.startswith(ignore_prefixes)}
+    missing = sorted(own - set(state))
+    unexpected = sorted(set(state) - own)
+    if missing or unexpected:
+        raise WeightsError(
+            f"Weights from {source} do not fit this model: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    module.load_state_dict(state, strict=False)

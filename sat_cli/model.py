@@ -1,0 +1,97 @@
+"""The Show, Attend and Tell decoder: soft attention + gate + LSTM, one word per step."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int  # words, the four special tokens included
+    encoder_dim: int  # C, channels of the encoder's feature grid
+    embed_dim: int = 512  # word embedding size
+    attention_dim: int = 512  # size of the attention MLP
+    decoder_dim: int = 512  # LSTM hidden size
+    dropout: float = 0.5  # before the output layer
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecoderConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class Attention(nn.Module):
+    """Soft attention: an MLP over the encoder projection plus the hidden-state projection."""
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int):
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)
+        self.full_att = nn.Linear(attention_dim, 1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder side, computed once per image: (B, P, C) -> (B, P, A)."""
+        return self.encoder_att(features)
+
+    def forward(self, features, enc_proj, h):
+        # features (B, P, C), enc_proj (B, P, A), h (B, K, D): K hypotheses per image
+        e = self.full_att(F.relu(enc_proj.unsqueeze(1) + self.decoder_att(h).unsqueeze(2)))  # (B, K, P, 1)
+        alpha = e.squeeze(-1).softmax(dim=-1)  # (B, K, P)
+        context = torch.bmm(alpha, features)  # (B, K, C)
+        return context, alpha
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.attention = Attention(c.encoder_dim, c.decoder_dim, c.attention_dim)
+        self.init_h = nn.Linear(c.encoder_dim, c.decoder_dim)
+        self.init_c = nn.Linear(c.encoder_dim, c.decoder_dim)
+        self.f_beta = nn.Linear(c.decoder_dim, c.encoder_dim)  # gating scalar per channel
+        self.lstm = nn.LSTMCell(c.embed_dim + c.encoder_dim, c.decoder_dim)
+        self.dropout = nn.Dropout(c.dropout)
+        self.fc = nn.Linear(c.decoder_dim, c.vocab_size)
+
+    def init_state(self, features):
+        """features (B, P, C) -> h, c (B, D) from the mean feature, and the encoder projection."""
+        mean = features.mean(dim=1)
+        return self.init_h(mean), self.init_c(mean), self.attention.project(features)
+
+    def step(self, features, enc_proj, tokens, h, c):
+        """One word for K hypotheses per image.
+
+        features (B, P, C), enc_proj (B, P, A), tokens (B, K), h and c (B, K, D)
+        -> logits (B, K, V), h, c (B, K, D), alpha (B, K, P)
+        """
+        B, K = tokens.shape
+        emb = self.embedding(tokens)  # (B, K, E)
+        context, alpha = self.attention(features, enc_proj, h)  # (B, K, C), (B, K, P)
+        context = torch.sigmoid(self.f_beta(h)) * context  # beta gate
+        x = torch.cat([emb, context], dim=-1).reshape(B * K, -1)
+        h, c = self.lstm(x, (h.reshape(B * K, -1), c.reshape(B * K, -1)))
+        logits = self.fc(self.dropout(h))
+        return logits.view(B, K, -1), h.view(B, K, -1), c.view(B, K, -1), alpha
+
+    def forward(self, features, captions):
+        """Teacher forcing. features (B, P, C); captions (B, T) starting with <start>.
+
+        Returns logits (B, T-1, V) predicting captions[:, 1:] and alphas (B, T-1, P).
+        """
+        h, c, enc_proj = self.init_state(features)
+        h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, D)
+        logits, alphas = [], []
+        for t in range(captions.shape[1] - 1):
+            step_logits, h, c, alpha = self.step(features, enc_proj, captions[:, t : t + 1], h, c)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return torch.cat(logits, dim=1), torch.cat(alphas, dim=1)

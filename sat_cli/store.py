@@ -1,0 +1,160 @@
+"""The SQLite store: runs, images, results, captions and attention maps (see migrations.py)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import SatError
+from .migrations import apply_migrations
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def open_db(path: str | Path, must_exist: bool = False):
+    """Open (or create) a sat database: WAL journal, foreign keys, migrations applied."""
+    import sqlite3
+
+    from sqlite_utils import Database
+
+    p = Path(path).expanduser()
+    if p.exists():
+        if p.is_dir():
+            raise SatError(f"{p} is a folder, not a database file")
+        with open(p, "rb") as f:
+            head = f.read(16)
+        if head and head != SQLITE_MAGIC:
+            raise SatError(f"{p} is not an SQLite database")
+    elif must_exist:
+        raise SatError(f"Database not found: {p}")
+    try:
+        db = Database(p)
+        db.execute("PRAGMA busy_timeout = 60000")  # other writers (torchrun ranks) wait their turn
+        if db.journal_mode != "wal":
+            db.enable_wal()
+        db.execute("PRAGMA foreign_keys = ON")
+        apply_migrations(db)
+    except sqlite3.DatabaseError as exc:
+        raise SatError(f"Cannot open database {p}: {exc}") from exc
+    return db
+
+
+@dataclass
+class CaptionRecord:
+    rank: int
+    text: str
+    words: list[str]
+    logprob: float
+    score: float
+    finished: bool
+    attention: object = None  # (words, grid_h, grid_w) float16 numpy array, or None
+
+
+@dataclass
+class ImageRecord:
+    path: str
+    sha256: str | None = None
+    size: int | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    captions: list[CaptionRecord] = field(default_factory=list)  # empty: nothing new to store
+
+
+class Store:
+    def __init__(self, db):
+        self.db = db
+
+    def start_run(self, **fields) -> int:
+        import sys
+
+        import torch
+
+        from . import __version__
+
+        row = {
+            "started_at": now(),
+            "status": "running",
+            "sat_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "command": json.dumps(sys.argv),
+            **fields,
+        }
+        with self.db.atomic():
+            return self.db["runs"].insert(row).last_pk
+
+    def finish_run(self, run_id: int, status: str, captioned: int, skipped: int, failed: int):
+        with self.db.atomic():
+            self.db["runs"].update(
+                run_id,
+                {"finished_at": now(), "status": status, "captioned": captioned, "skipped": skipped, "failed": failed},
+            )
+
+    def done_hashes(self, fingerprint: str, settings_key: str) -> frozenset[str]:
+        rows = self.db.execute(
+            "SELECT sha256 FROM results WHERE model_fingerprint = ? AND settings_key = ?", [fingerprint, settings_key]
+        )
+        return frozenset(r[0] for r in rows)
+
+    def write_batch(self, run_id: int, records: list[ImageRecord], fingerprint: str, settings_key: str):
+        """Store one batch in one transaction: a crash loses this batch or nothing."""
+        stamp = now()
+        with self.db.atomic():
+            for rec in records:
+                self.db.execute(
+                    """INSERT INTO images (path, sha256, bytes, width, height, status, error, run_id, updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT(path) DO UPDATE SET
+                         sha256 = excluded.sha256, bytes = excluded.bytes,
+                         width = coalesce(excluded.width, images.width),
+                         height = coalesce(excluded.height, images.height),
+                         status = excluded.status, error = excluded.error,
+                         run_id = excluded.run_id, updated_at = excluded.updated_at""",
+                    [rec.path, rec.sha256, rec.size, rec.width, rec.height,
+                     "failed" if rec.error else "ok", rec.error, run_id, stamp],
+                )
+                if rec.captions:
+                    self._replace_result(run_id, rec, fingerprint, settings_key, stamp)
+
+    def _replace_result(self, run_id, rec: ImageRecord, fingerprint, settings_key, stamp):
+        old = self.db.execute(
+            "SELECT id FROM results WHERE sha256 = ? AND model_fingerprint = ? AND settings_key = ?",
+            [rec.sha256, fingerprint, settings_key],
+        ).fetchone()
+        if old:  # --force: the new result replaces the old one
+            self.db.execute(
+                "DELETE FROM attention_maps WHERE caption_id IN (SELECT id FROM captions WHERE result_id = ?)", [old[0]]
+            )
+            self.db.execute("DELETE FROM captions WHERE result_id = ?", [old[0]])
+            self.db.execute("DELETE FROM results WHERE id = ?", [old[0]])
+        result_id = self.db.execute(
+            "INSERT INTO results (sha256, model_fingerprint, settings_key, run_id, created_at) VALUES (?, ?, ?, ?, ?)",
+            [rec.sha256, fingerprint, settings_key, run_id, stamp],
+        ).lastrowid
+        for cap in rec.captions:
+            caption_id = self.db.execute(
+                "INSERT INTO captions (result_id, rank, text, tokens, logprob, score, finished) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [result_id, cap.rank, cap.text, json.dumps(cap.words), cap.logprob, cap.score, int(cap.finished)],
+            ).lastrowid
+            if cap.attention is not None:
+                a = cap.attention
+                self.db.execute(
+                    "INSERT INTO attention_maps (caption_id, words, grid_h, grid_w, dtype, data) VALUES (?, ?, ?, ?, ?, ?)",
+                    [caption_id, a.shape[0], a.shape[1], a.shape[2], "float16", a.astype("<f2").tobytes()],
+                )
+
+
+def decode_attention(row: dict):
+    """An attention_maps row -> (words, grid_h, grid_w) float32 numpy array."""
+    import numpy as np
+
+    arr = np.frombuffer(row["data"], dtype="<f2").astype(np.float32)
+    return arr.reshape(row["words"], row["grid_h"], row["grid_w"])

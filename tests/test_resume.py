@@ -1,0 +1,99 @@
+"""A run killed at any moment loses at most the batch in flight; the database stays consistent
+and a rerun finishes the job."""
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import sqlite_utils
+from PIL import Image
+
+from conftest import EXAMPLES
+
+
+@pytest.fixture
+def many_photos(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    base = Image.open(EXAMPLES / "chelsea.png").convert("RGB")
+    for i in range(60):  # distinct content: each its own hash
+        base.rotate(i * 6).save(folder / f"img{i:03d}.jpg", quality=80)
+    return folder
+
+
+def start(folder, db, model, *extra):
+    return subprocess.Popen([sys.executable, "-m", "sat_cli", "caption", str(folder), "--db", str(db), "--model",
+                             str(model), "--batch-size", "4", "--workers", "1", "-q", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def committed(db):
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return con.execute("select count(*) from results").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def wait_for(db, n, proc, timeout=90):
+    deadline = time.time() + timeout
+    while committed(db) < n:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+def check_consistent(db_path, n_best=3):
+    con = sqlite3.connect(db_path)
+    assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
+    con.close()
+    db = sqlite_utils.Database(db_path)
+    for result in db["results"].rows:
+        caps = list(db["captions"].rows_where("result_id = ?", [result["id"]]))
+        assert sorted(c["rank"] for c in caps) == list(range(1, n_best + 1))
+        assert all(db["attention_maps"].count_where("caption_id = ?", [c["id"]]) == 1 for c in caps)
+        assert db["images"].count_where("sha256 = ? and status = 'ok'", [result["sha256"]]) >= 1
+    # every image row marked ok has its result
+    orphans = db.execute("select count(*) from images where status = 'ok' and sha256 not in "
+                         "(select sha256 from results)").fetchone()[0]
+    assert orphans == 0
+    assert db.execute("select count(*) from captions_fts").fetchone()[0] == db["captions"].count
+    return db
+
+
+def test_sigkill_loses_at_most_the_batch_in_flight_and_rerun_completes(many_photos, tmp_path, tiny_model):
+    db_path = tmp_path / "k.db"
+    proc = start(many_photos, db_path, tiny_model)
+    wait_for(db_path, 12, proc)
+    proc.kill()  # SIGKILL: no cleanup at all
+    proc.wait()
+    db = check_consistent(db_path)
+    done = db["results"].count
+    assert 12 <= done < 60 and done % 4 == 0  # whole batches only
+    assert db["runs"].get(1)["status"] == "running"  # it never got to say otherwise
+    rerun = start(many_photos, db_path, tiny_model)
+    out, err = rerun.communicate(timeout=180)
+    assert rerun.returncode == 0, err.decode()
+    db = check_consistent(db_path)
+    assert db["results"].count == 60
+    assert db["runs"].get(2)["skipped"] == done and db["runs"].get(2)["captioned"] == 60 - done
+
+
+def test_sigterm_stops_cleanly(many_photos, tmp_path, tiny_model):
+    db_path = tmp_path / "t.db"
+    proc = start(many_photos, db_path, tiny_model)
+    wait_for(db_path, 8, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130
+    db = check_consistent(db_path)
+    run = db["runs"].get(1)
+    assert run["status"] == "interrupted" and run["captioned"] == db["results"].count < 60
