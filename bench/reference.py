@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 
 @torch.inference_mode()
-def reference_beam_search(decoder, features, beam_size, max_len, start, end, blocked, project_once=True):
+def reference_beam_search(decoder, features, beam_size, max_len, start, end, blocked, project_once=True, stats=None):
     """features (1, P, C) -> (word ids, logprob, finished) of the best hypothesis.
+
+    stats, a dict, collects "hyp_steps": the number of (hypothesis, step) pairs decoded.
 
     project_once=False recomputes the encoder projection at every step, as the tutorial does.
     """
@@ -31,6 +33,8 @@ def reference_beam_search(decoder, features, beam_size, max_len, start, end, blo
     complete, complete_scores = [], []
     for _ in range(max_len):
         n = seqs.shape[0]
+        if stats is not None:
+            stats["hyp_steps"] = stats.get("hyp_steps", 0) + n
         proj = enc_proj if project_once else att.encoder_att(features)
         e = att.full_att(F.relu(proj + att.decoder_att(h).unsqueeze(1))).squeeze(2)  # (n, P)
         alpha = e.softmax(dim=1)

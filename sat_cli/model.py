@@ -67,31 +67,58 @@ class Decoder(nn.Module):
         mean = features.mean(dim=1)
         return self.init_h(mean), self.init_c(mean), self.attention.project(features)
 
+    def advance(self, features, enc_proj, emb, h, c):
+        """The recurrence without the output layer.
+
+        features (B, P, C), enc_proj (B, P, A), emb (B, K, E) embedded previous words,
+        h and c (B, K, D) -> h, c (B, K, D), alpha (B, K, P)
+        """
+        B, K = emb.shape[:2]
+        context, alpha = self.attention(features, enc_proj, h)  # (B, K, C), (B, K, P)
+        context = torch.sigmoid(self.f_beta(h)) * context  # beta gate
+        x = torch.cat([emb, context], dim=-1).reshape(B * K, -1)
+        h, c = self.lstm(x, (h.reshape(B * K, -1), c.reshape(B * K, -1)))
+        return h.view(B, K, -1), c.view(B, K, -1), alpha
+
     def step(self, features, enc_proj, tokens, h, c):
         """One word for K hypotheses per image.
 
         features (B, P, C), enc_proj (B, P, A), tokens (B, K), h and c (B, K, D)
         -> logits (B, K, V), h, c (B, K, D), alpha (B, K, P)
         """
-        B, K = tokens.shape
-        emb = self.embedding(tokens)  # (B, K, E)
-        context, alpha = self.attention(features, enc_proj, h)  # (B, K, C), (B, K, P)
-        context = torch.sigmoid(self.f_beta(h)) * context  # beta gate
-        x = torch.cat([emb, context], dim=-1).reshape(B * K, -1)
-        h, c = self.lstm(x, (h.reshape(B * K, -1), c.reshape(B * K, -1)))
-        logits = self.fc(self.dropout(h))
-        return logits.view(B, K, -1), h.view(B, K, -1), c.view(B, K, -1), alpha
+        h, c, alpha = self.advance(features, enc_proj, self.embedding(tokens), h, c)
+        return self.fc(self.dropout(h)), h, c, alpha
 
-    def forward(self, features, captions):
+    def forward(self, features, captions, lengths=None):
         """Teacher forcing. features (B, P, C); captions (B, T) starting with <start>.
 
-        Returns logits (B, T-1, V) predicting captions[:, 1:] and alphas (B, T-1, P).
+        ``lengths`` (caption lengths with <start> and <end>, sorted longest first) lets the batch
+        shrink as captions end, so padding costs nothing. Returns the logits of the predicted
+        positions only, (N, V) in row-major order of captions[:, 1:] (N = sum of lengths - 1),
+        and alphas (B, T-1, P), zero past a caption's end. The output layer runs once, on all
+        positions together, after the recurrence.
         """
+        B, T = captions.shape
+        steps = [T - 1] * B if lengths is None else [int(n) - 1 for n in lengths]
+        T1 = max(steps)
         h, c, enc_proj = self.init_state(features)
         h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, D)
-        logits, alphas = [], []
-        for t in range(captions.shape[1] - 1):
-            step_logits, h, c, alpha = self.step(features, enc_proj, captions[:, t : t + 1], h, c)
-            logits.append(step_logits)
-            alphas.append(alpha)
-        return torch.cat(logits, dim=1), torch.cat(alphas, dim=1)
+        emb = self.embedding(captions[:, :T1])  # (B, T1, E)
+        hs = features.new_zeros(B, T1, self.config.decoder_dim)
+        alphas = features.new_zeros(B, T1, features.shape[1])
+        for t in range(T1):
+            n = sum(1 for s in steps if s > t)  # rows still going (sorted longest first)
+            h, c, alpha = self.advance(features[:n], enc_proj[:n], emb[:n, t : t + 1], h[:n], c[:n])
+            hs[:n, t] = h[:, 0]
+            alphas[:n, t] = alpha[:, 0]
+        mask = torch.arange(T1, device=captions.device).unsqueeze(0) < torch.tensor(steps, device=captions.device).unsqueeze(1)
+        return self.fc(self.dropout(hs[mask])), alphas
+
+
+def attention_regularizer(alphas, mask):
+    """Doubly stochastic attention: sum over pixels of (1 - sum over steps of alpha)^2, batch mean.
+
+    alphas (B, T, P); mask (B, T) true where a word is predicted.
+    """
+    coverage = (alphas * mask.unsqueeze(-1)).sum(dim=1)  # (B, P)
+    return ((1.0 - coverage) ** 2).sum(dim=1).mean()

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages hold paths: never break them
 
 
 class RateColumn(ProgressColumn):

@@ -1,0 +1,251 @@
+"""Benchmark of `sat caption` on this machine. Prints its figures; asserts nothing.
+
+  python bench/caption_bench.py                      # everything, with the shipped default model
+  python bench/caption_bench.py --model runs/x/best  # another checkpoint
+  python bench/caption_bench.py --only decode        # one part: decode | e2e | resnet | rss
+
+Parts (issue 2):
+1. decode: batched beam search vs a per-image reference beam search (bench/reference.py), beam 3,
+   on the same features; the captions must be identical. Also counts the decoder's arithmetic
+   and compares with this CPU's measured matrix-multiply rate.
+2. e2e: `sat caption` on real photos (../shared/data), steady state (a 60-image run subtracted
+   from a 300-image run), vs the per-image pipeline (load, resize, encode, decode one image at a
+   time) and vs the encoder-only work (load + resize + forward) with the same encoder.
+3. resnet: the same end-to-end comparison with torchvision:resnet101 at 14x14 (its ImageNet
+   weights are not available offline, so the encoder has random weights and the decoder is
+   trained briefly on those features: the arithmetic is the real one, the captions are not).
+4. rss: peak resident memory captioning 2,000 images vs 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "bench" / "out"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from reference import reference_beam_search  # noqa: E402
+
+from sat_cli.beam import DecodeSettings, beam_search  # noqa: E402
+from sat_cli.checkpoint import load_checkpoint  # noqa: E402
+from sat_cli.images import load_image  # noqa: E402
+
+
+def photos(n: int, offset: int = 0) -> list[str]:
+    images = json.loads((DATA / "captions.json").read_text())["images"]
+    return [str(DATA / im["filepath"] / im["filename"]) for im in images[offset : offset + n]]
+
+
+def gemm_gflops() -> float:
+    """This CPU's fp32 matrix-multiply rate (1024^3 products), the ceiling for the decoder's GEMMs."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    return 20 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9
+
+
+def decoder_macs(ck, hyp_steps: int, images: int) -> float:
+    """Multiply-adds of the decoder: per image (encoder projection, h0/c0) + per hypothesis-step."""
+    c = ck.decoder.config
+    P = int(np.prod(ck.encoder.grid_shape()))
+    C, A, D, E, V = c.encoder_dim, c.attention_dim, c.decoder_dim, c.embed_dim, c.vocab_size
+    per_image = P * C * A + 2 * C * D + P * C
+    per_step = D * A + 2 * P * A + P * C + D * C + (E + C + D) * 4 * D + D * V
+    return images * per_image + hyp_steps * per_step
+
+
+def encode_all(ck, paths, batch=32):
+    pre = ck.preprocess
+    feats = []
+    for i in range(0, len(paths), batch):
+        x = torch.stack([torch.from_numpy(load_image(p, pre.size, pre.interpolation)[0].copy()).permute(2, 0, 1)
+                         for p in paths[i : i + batch]])
+        with torch.inference_mode():
+            feats.append(ck.encoder(x))
+    return torch.cat(feats)
+
+
+def part_decode(ck, n: int):
+    print(f"\n== decode only: {n} real photos, beam 3, features given ==")
+    feats = encode_all(ck, photos(n))
+    v = ck.vocab
+    blocked = (v.pad, v.start, v.unk)
+    settings = DecodeSettings(beam_size=3, n_best=1, max_len=50)
+    stats = {}
+    reference_beam_search(ck.decoder, feats[:1], 3, 50, v.start, v.end, blocked)  # warm-up
+    t = time.perf_counter()
+    ref = [reference_beam_search(ck.decoder, feats[i : i + 1], 3, 50, v.start, v.end, blocked, stats=stats)
+           for i in range(n)]
+    t_ref = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(min(n, 50)):
+        reference_beam_search(ck.decoder, feats[i : i + 1], 3, 50, v.start, v.end, blocked, project_once=False)
+    t_tut = (time.perf_counter() - t) / min(n, 50) * n
+    print(f"reference, one image at a time:        {n / t_ref:7.1f} images/s"
+          f"   (recomputing the encoder projection every step, as the tutorial does: {n / t_tut:.1f})")
+    best = None
+    for bs in (16, 32, 64, 128):
+        beam_search(ck.decoder, feats[:bs], settings, start=v.start, end=v.end, blocked=blocked)
+        t = time.perf_counter()
+        out = []
+        for i in range(0, n, bs):
+            out += beam_search(ck.decoder, feats[i : i + bs], settings, start=v.start, end=v.end, blocked=blocked)
+        dt = time.perf_counter() - t
+        same = sum(o[0].tokens == r[0] for o, r in zip(out, ref))
+        print(f"sat batched, batch {bs:3d}:              {n / dt:7.1f} images/s  = {t_ref / dt:5.2f}x the reference;"
+              f" identical captions {same}/{n}")
+        best = max(best or 0, t_ref / dt)
+    macs = decoder_macs(ck, stats["hyp_steps"], n)
+    peak = gemm_gflops()
+    bound = peak * 1e9 / (2 * macs / n)
+    print(f"decoder arithmetic: {2 * macs / n / 1e6:.0f} MFLOP per image ({stats['hyp_steps'] / n:.1f} hypothesis-steps);"
+          f" this CPU multiplies matrices at {peak:.0f} GFLOP/s")
+    print(f"arithmetic bound: {bound:.0f} images/s = {bound * t_ref / n:.1f}x the reference; "
+          f"best batched run reaches {best:.2f}x = {100 * best / (bound * t_ref / n):.0f}% of that bound")
+
+
+def sat_caption_seconds(model: str, paths: list[str], extra=()) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp) / "imgs"
+        listing.mkdir()
+        for i, p in enumerate(paths):
+            os.symlink(p, listing / f"{i:05d}{Path(p).suffix}")
+        cmd = [sys.executable, "-m", "sat_cli", "caption", str(listing), "--db", str(Path(tmp) / "b.db"), "--model",
+               model, "--beam", "3", "-q", *extra]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        return time.perf_counter() - t
+
+
+def per_image_pipeline(ck, paths) -> float:
+    """Seconds per image: load, resize, encode and decode one image at a time."""
+    v, pre = ck.vocab, ck.preprocess
+    blocked = (v.pad, v.start, v.unk)
+
+    def one(p):
+        x = torch.from_numpy(load_image(p, pre.size, pre.interpolation)[0].copy()).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            f = ck.encoder(x)
+        return reference_beam_search(ck.decoder, f, 3, 50, v.start, v.end, blocked)
+
+    one(paths[0])
+    t = time.perf_counter()
+    for p in paths:
+        one(p)
+    return (time.perf_counter() - t) / len(paths)
+
+
+def encoder_only(ck, paths, batch=16) -> float:
+    """Seconds per image of the encoder's own work: load + resize + forward, in batches."""
+    pre = ck.preprocess
+
+    def run(ps):
+        for i in range(0, len(ps), batch):
+            x = torch.stack([torch.from_numpy(load_image(p, pre.size, pre.interpolation)[0].copy()).permute(2, 0, 1)
+                             for p in ps[i : i + batch]])
+            with torch.inference_mode():
+                ck.encoder(x)
+
+    run(paths[:batch])
+    t = time.perf_counter()
+    run(paths)
+    return (time.perf_counter() - t) / len(paths)
+
+
+def part_e2e(model: str, label: str, big: int = 300, small: int = 60, per_image_n: int = 40):
+    ck = load_checkpoint(model)
+    print(f"\n== end to end, {label}: `sat caption` on {big} real photos, beam 3 ==")
+    paths = photos(big)
+    t_big = sat_caption_seconds(model, paths)
+    t_small = sat_caption_seconds(model, paths[:small])
+    steady = (t_big - t_small) / (big - small)
+    print(f"sat caption: {big} images {t_big:.1f}s, {small} images {t_small:.1f}s -> steady state "
+          f"{1000 * steady:.1f} ms/image ({1 / steady:.1f} images/s; start-up {t_small - small * steady:.1f}s)")
+    t_pipe = per_image_pipeline(ck, paths[:per_image_n])
+    print(f"per-image pipeline (load, resize, encode, decode one at a time): {1000 * t_pipe:.1f} ms/image "
+          f"-> sat is {t_pipe / steady:.2f}x faster")
+    t_enc = encoder_only(ck, paths[:200])
+    print(f"encoder-only work (load + resize + forward, batches of 16): {1000 * t_enc:.1f} ms/image "
+          f"-> sat caption costs {steady / t_enc:.2f}x the encoder-only work")
+
+
+def resnet_model() -> str:
+    """A decoder trained briefly on ResNet-101 (random weights) features of 300 photos: real
+    arithmetic, natural caption lengths."""
+    out = OUT / "resnet101_timing"
+    if not (out / "best" / "model.safetensors").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        images = json.loads((DATA / "captions.json").read_text())["images"]
+        subset = {"images": [dict(im, split="train") for im in images[:300]] +
+                            [dict(im, split="val") for im in images[-30:]]}
+        (out / "subset.json").write_text(json.dumps(subset))
+        weights = out / "resnet101_random.safetensors"
+        if not weights.exists():
+            import torchvision
+            from safetensors.torch import save_file
+
+            torch.manual_seed(0)
+            save_file(torchvision.models.resnet101().state_dict(), str(weights))
+        subprocess.run([sys.executable, "-m", "sat_cli", "train", "--data", str(out / "subset.json"), "--images",
+                        str(DATA), "--encoder", "torchvision:resnet101", "--encoder-weights", str(weights),
+                        "--out", str(out), "--epochs", "3", "--no-meteor", "--cache-dir", str(OUT / "cache"),
+                        "--lr", "1e-3", "-q"], check=True)
+    return str(out / "best")
+
+
+def peak_rss_kb(model: str, paths: list[str]) -> int:
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp) / "imgs"
+        listing.mkdir()
+        for i, p in enumerate(paths):
+            os.symlink(p, listing / f"{i:05d}{Path(p).suffix}")
+        out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "sat_cli", "caption", str(listing),
+                              "--db", str(Path(tmp) / "r.db"), "--model", model, "-q"],
+                             check=True, capture_output=True, text=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+
+def part_rss(model: str):
+    print("\n== peak memory ==")
+    small, big = peak_rss_kb(model, photos(200)), peak_rss_kb(model, photos(2000))
+    print(f"peak RSS: 200 images {small / 1024:.0f} MiB, 2000 images {big / 1024:.0f} MiB -> ratio {big / small:.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "sat_cli" / "models" / "default"))
+    ap.add_argument("--only", choices=["decode", "e2e", "resnet", "rss"])
+    ap.add_argument("--decode-images", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    if args.only in (None, "decode"):
+        part_decode(load_checkpoint(args.model), args.decode_images)
+    if args.only in (None, "e2e"):
+        part_e2e(args.model, load_checkpoint(args.model).encoder_spec)
+    if args.only in (None, "resnet"):
+        part_e2e(resnet_model(), "torchvision:resnet101 14x14 (random encoder weights)", big=120, small=30,
+                 per_image_n=15)
+    if args.only in (None, "rss"):
+        part_rss(args.model)
+
+
+if __name__ == "__main__":
+    main()

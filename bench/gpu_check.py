@@ -1,0 +1,181 @@
+"""Checks that need a CUDA GPU; prints figures and PASS/FAIL lines, exits 1 on any FAIL.
+
+1. Batched beam search on the GPU gives the CPU's captions (same features, fp32).
+2. `sat caption --device cuda` with fp32, bf16 and fp16 encoder autocast: throughput, and how
+   many best captions agree with the CPU's.
+3. A training epoch on the GPU with bf16 autocast and one with fp16 + GradScaler: the loss falls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageEnhance
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FAILS = []
+
+
+def check(ok: bool, what: str):
+    print(("PASS " if ok else "FAIL ") + what, flush=True)
+    if not ok:
+        FAILS.append(what)
+
+
+def make_photos(folder: Path, n: int) -> list[Path]:
+    """n distinct JPEGs made from the example photos (crops, flips, colour changes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples").glob("*.*")) if p.suffix != ".md"]
+    rng = random.Random(0)
+    paths = []
+    for i in range(n):
+        im = sources[i % len(sources)]
+        w, h = im.size
+        x0, y0 = rng.randint(0, w // 4), rng.randint(0, h // 4)
+        crop = im.crop((x0, y0, x0 + rng.randint(w // 2, w - x0), y0 + rng.randint(h // 2, h - y0)))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop = ImageEnhance.Color(crop).enhance(rng.uniform(0.6, 1.4)).resize((384, 288))
+        p = folder / f"img{i:05d}.jpg"
+        crop.save(p, quality=88)
+        paths.append(p)
+    return paths
+
+
+def caption_run(folder, db, device, precision, batch=64):
+    cmd = [sys.executable, "-m", "sat_cli", "caption", str(folder), "--db", str(db), "--device", device,
+           "--precision", precision, "--batch-size", str(batch), "-q", "--workers", "8"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if proc.returncode:
+        print(proc.stderr[-2000:])
+    return proc.returncode, dt
+
+
+def best_captions(db) -> dict:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    rows = con.execute("select images.path, captions.text from images join results using (sha256) "
+                       "join captions on captions.result_id = results.id and captions.rank = 1").fetchall()
+    return {Path(p).name: t for p, t in rows}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/gpu-check")
+    ap.add_argument("--images", type=int, default=1000)
+    args = ap.parse_args()
+    out = Path(args.out)
+    check(torch.cuda.is_available(), "CUDA is available")
+    if not torch.cuda.is_available():
+        sys.exit(1)
+    print("device:", torch.cuda.get_device_name(0), flush=True)
+
+    from sat_cli.beam import DecodeSettings, beam_search
+    from sat_cli.checkpoint import load_checkpoint
+
+    # 1. beam search: GPU == CPU on the same features
+    ck = load_checkpoint(None)
+    photos = make_photos(Path("/tmp/gpu-photos"), args.images)
+    from sat_cli.images import load_image
+
+    pre = ck.preprocess
+    x = torch.stack([torch.from_numpy(load_image(p, pre.size, pre.interpolation)[0].copy()).permute(2, 0, 1)
+                     for p in photos[:64]])
+    with torch.inference_mode():
+        feats = ck.encoder(x)
+    v = ck.vocab
+    settings = DecodeSettings(beam_size=3, max_len=30)
+    cpu = beam_search(ck.decoder, feats, settings, start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+    ck.to(torch.device("cuda"))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    gpu = beam_search(ck.decoder, feats.cuda(), settings, start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+    torch.cuda.synchronize()
+    same = sum(a[0].tokens == b[0].tokens for a, b in zip(cpu, gpu))
+    check(same >= 62, f"beam search GPU vs CPU: {same}/64 identical best captions")
+    big = feats.cuda().repeat(16, 1, 1)
+    beam_search(ck.decoder, big[:256], settings, start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    beam_search(ck.decoder, big, settings, start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+    torch.cuda.synchronize()
+    print(f"decode only on GPU: {len(big) / (time.perf_counter() - t):.0f} images/s (batch {len(big)}, beam 3)")
+
+    # 2. sat caption end to end on CUDA
+    folder = photos[0].parent
+    results = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        db = out / f"cuda-{precision}.db"
+        rc, dt = caption_run(folder, db, "cuda", precision)
+        check(rc == 0, f"sat caption --device cuda --precision {precision}: exit {rc}, {args.images / dt:.0f} images/s "
+                       f"end to end ({dt:.1f}s with start-up)")
+        rc2, dt2 = caption_run(folder, db, "cuda", precision)
+        check(rc2 == 0, f"rerun skips everything in {dt2:.1f}s")
+        results[precision] = best_captions(db)
+    # CPU reference on a subset
+    sub = Path("/tmp/gpu-photos-sub")
+    sub.mkdir(exist_ok=True)
+    for p in photos[:100]:
+        target = sub / p.name
+        if not target.exists():
+            target.symlink_to(p)
+    rc, dt = caption_run(sub, out / "cpu.db", "cpu", "fp32", batch=32)
+    cpu_caps = best_captions(out / "cpu.db")
+    for precision, caps in results.items():
+        agree = sum(caps.get(k) == t for k, t in cpu_caps.items())
+        limit = 99 if precision == "fp32" else 80
+        check(agree >= limit, f"{precision} on GPU agrees with the CPU on {agree}/{len(cpu_caps)} best captions")
+
+    # 3. training on the GPU with mixed precision
+    from sat_cli.train import TrainConfig, Trainer
+
+    rows = []
+    words = ["a", "photo", "of", "the", "cat", "coffee", "rocket", "astronaut", "man", "camera", "cup", "with"]
+    rng = random.Random(1)
+    for p in photos[:400]:
+        for _ in range(3):
+            rows.append([p.name, " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))),
+                         "val" if int(p.stem[3:]) % 10 == 0 else "train"])
+    with open(out / "caps.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption", "split"], *rows])
+    for precision in ("bf16", "fp16"):
+        cfg = TrainConfig(data=str(out / "caps.csv"), images=str(folder), out=str(out / f"train-{precision}"),
+                          epochs=3, batch_size=64, min_word_freq=1, device="cuda", precision=precision,
+                          cache_dir=str(out / "cache"), quiet=True, meteor=False, workers=8)
+        trainer = Trainer(cfg)
+        trainer.setup()
+        from sat_cli.progress import NullProgress
+
+        losses = []
+        t = time.perf_counter()
+        for epoch in range(3):
+            trainer.state["step"] = 0
+            loss, samples, _ = trainer.train_epoch(epoch, type("S", (), {"requested": False})(), NullProgress(), 0)
+            losses.append(loss)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        check(losses[-1] < losses[0] and all(map(lambda v: v == v, losses)),
+              f"training on GPU with {precision}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+              f"{3 * len(trainer.caps) / dt:.0f} samples/s")
+        trainer.save()
+        check((out / f"train-{precision}" / "last" / "model.safetensors").exists(), f"{precision} checkpoint written")
+    print(json.dumps({"fails": FAILS}))
+    sys.exit(1 if FAILS else 0)
+
+
+if __name__ == "__main__":
+    main()

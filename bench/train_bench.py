@@ -1,0 +1,113 @@
+"""Training benchmark on this machine. Prints its figures; asserts nothing.
+
+  python bench/train_bench.py                 # both parts
+  python bench/train_bench.py --only cache    # cache | epoch
+
+1. cache: training samples/s reading cached features vs re-running the frozen encoder
+   (tf_efficientnet_lite0) on the images at every step; same data (the shared train split), same
+   model (the reference recipe: 512/512/512, dropout 0.5, batch 32), same batches.
+2. epoch: one full epoch over the shared train split with cached features (reference recipe),
+   and the default model's whole training time as recorded in its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "captions.json"
+OUT = ROOT / "bench" / "out"
+
+
+def trainer(**overrides):
+    from sat_cli.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(data=str(DATA), out=str(OUT / "train_bench"), cache_dir=str(OUT / "cache"), quiet=True,
+                      meteor=False, **overrides)
+    t = Trainer(cfg)
+    t.setup()
+    return t
+
+
+def step(t, idx, feats):
+    from torch.nn.utils import clip_grad_norm_
+
+    from sat_cli.train import caption_loss
+
+    lengths = t.lengths[idx]
+    order = lengths.argsort(descending=True, stable=True)
+    idx, lengths, feats = idx[order], lengths[order], feats[order]
+    caps = t.caps[idx, : int(lengths.max())]
+    logits, alphas = t.decoder(feats, caps, lengths.tolist())
+    loss, _ = caption_loss(logits, alphas, caps, lengths, 1.0, 0.0, t.vocab.pad)
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_grad_norm_(t.decoder.parameters(), 5.0)
+    t.optimizer.step()
+
+
+def part_cache(steps: int):
+    print(f"== feature cache: {steps} training steps of batch 32 each way ==")
+    t = trainer()
+    t.decoder.train()
+    batches = t.batches(0)[: steps + 2]
+    for b in batches[:2]:  # warm-up
+        idx = torch.tensor(b)
+        step(t, idx, t.train_feats[t.image_index[idx]].float())
+    start = time.perf_counter()
+    n = 0
+    for b in batches[2:]:
+        idx = torch.tensor(b)
+        step(t, idx, t.train_feats[t.image_index[idx]].float())
+        n += len(b)
+    cached = n / (time.perf_counter() - start)
+    print(f"cached features:               {cached:7.1f} samples/s")
+    start = time.perf_counter()
+    n = 0
+    for b, pixels in zip(batches[2:], t.image_batches(batches[2:])):
+        idx = torch.tensor(b)
+        with torch.no_grad():
+            feats = t.encoder(pixels)  # the frozen encoder, every step
+        step(t, idx, feats)
+        n += len(b)
+    rerun = n / (time.perf_counter() - start)
+    print(f"re-running the frozen encoder: {rerun:7.1f} samples/s  (images decoded in {t.workers} worker(s))")
+    print(f"ratio: {cached / rerun:.2f}x")
+
+
+def part_epoch():
+    print("== one epoch over the shared train split, cached features, reference recipe ==")
+    t = trainer(epochs=1)
+    from sat_cli.progress import NullProgress
+
+    start = time.perf_counter()
+    loss, samples, _ = t.train_epoch(0, type("S", (), {"requested": False})(), NullProgress(), 0)
+    seconds = time.perf_counter() - start
+    print(f"epoch: {samples} captions in {seconds:.1f}s ({samples / seconds:.0f} samples/s), loss {loss:.3f}")
+    cfg = json.loads((ROOT / "sat_cli" / "models" / "default" / "config.json").read_text())
+    info = cfg.get("training", {})
+    if info.get("train_seconds"):
+        print(f"default model: trained in {info['train_seconds'] / 60:.1f} min over {info.get('epoch')} epochs "
+              f"(validation included), as recorded in its config.json")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["cache", "epoch"])
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    if args.only in (None, "cache"):
+        part_cache(args.steps)
+    if args.only in (None, "epoch"):
+        part_epoch()
+
+
+if __name__ == "__main__":
+    main()

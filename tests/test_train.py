@@ -1,0 +1,395 @@
+"""sat train / sat eval: data formats, vocabulary, the regularizer, the feature cache, resume,
+two processes, fine-tuning, and the metrics."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import EXAMPLES
+from sat_cli.cli import cli
+from sat_cli.datasets import load_captions
+from sat_cli.errors import DataError
+from sat_cli.model import Decoder, DecoderConfig, attention_regularizer
+from sat_cli.train import TrainConfig, Trainer, caption_loss
+from sat_cli.vocab import Vocab
+
+CAPTIONS = {
+    "chelsea": ["a cat lying on a red blanket", "a tabby cat resting", "the cat looks at the camera"],
+    "coffee": ["a cup of coffee on a table", "a white cup with coffee", "coffee in a cup on a saucer"],
+    "rocket": ["a rocket taking off", "a rocket launch with smoke", "the rocket lifts off the pad"],
+    "astronaut": ["a woman in an orange suit", "an astronaut with a flag", "a smiling woman in a space suit"],
+    "camera": ["a man with a camera", "a black and white photo of a man", "a man using a camera on a tripod"],
+}
+
+
+@pytest.fixture
+def small_set(tmp_path):
+    """Twelve photos (the examples, flipped and recoloured) with captions, as CSV with a split column."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rows = []
+    for name, caps in CAPTIONS.items():
+        src = next(EXAMPLES.glob(name + ".*"))
+        im = Image.open(src).convert("RGB")
+        variants = [im, im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+        if name in ("chelsea", "coffee"):
+            variants.append(im.rotate(8))
+        for i, v in enumerate(variants):
+            file = f"{name}_{i}.jpg"
+            v.save(folder / file, quality=85)
+            split = "val" if i == 1 and name in ("chelsea", "rocket") else "train"
+            rows += [[file, c, split] for c in caps]
+    with open(tmp_path / "caps.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "split"])
+        w.writerows(rows)
+    return tmp_path / "caps.csv", folder
+
+
+def tiny_config(small_set, tmp_path, **overrides):
+    data, images = small_set
+    base = dict(data=str(data), images=str(images), out=str(tmp_path / "run"), embed_dim=32, attention_dim=32,
+                decoder_dim=48, dropout=0.3, epochs=2, batch_size=8, min_word_freq=1, lr=3e-3, meteor=False,
+                cache_dir=str(tmp_path / "cache"), workers=0, quiet=True, val_max_len=12)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------ data formats
+def test_karpathy_json(tmp_path):
+    data = {"images": [
+        {"filepath": "sub", "filename": "a.png", "split": "train", "cocoid": 7,
+         "sentences": [{"raw": "A Dog!", "tokens": ["a", "dog"]}]},
+        {"filename": "b.png", "split": "restval", "sentences": [{"raw": "Two cats."}]},
+        {"filename": "gone.png", "split": "val", "sentences": [{"raw": "x", "tokens": ["x"]}]},
+    ]}
+    (tmp_path / "sub").mkdir()
+    shutil.copy(EXAMPLES / "coffee.png", tmp_path / "sub" / "a.png")
+    shutil.copy(EXAMPLES / "coffee.png", tmp_path / "b.png")
+    (tmp_path / "k.json").write_text(json.dumps(data))
+    loaded = load_captions(tmp_path / "k.json")
+    assert [(e.split, e.captions, e.image_id) for e in loaded.entries] == [
+        ("train", [["a", "dog"]], 7), ("train", [["two", "cats"]], "b.png")]
+    assert loaded.missing == [str(tmp_path / "gone.png")]
+
+
+def test_coco_annotations(tmp_path):
+    shutil.copy(EXAMPLES / "rocket.jpg", tmp_path / "000000000001.jpg")
+    data = {"images": [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 2, "file_name": "missing.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "A rocket."}, {"image_id": 1, "caption": "Lift off"},
+                            {"image_id": 2, "caption": "nothing"}]}
+    (tmp_path / "captions_val2017.json").write_text(json.dumps(data))
+    loaded = load_captions(tmp_path / "captions_val2017.json")
+    assert len(loaded.entries) == 1 and loaded.entries[0].split == "val"
+    assert loaded.entries[0].captions == [["a", "rocket"], ["lift", "off"]] and len(loaded.missing) == 1
+
+
+def test_csv_with_and_without_header(tmp_path, small_set):
+    loaded = load_captions(small_set[0], small_set[1])
+    assert len(loaded.entries) == 12 and {e.split for e in loaded.entries} == {"train", "val"}
+    assert all(len(e.captions) == 3 for e in loaded.entries)
+    (tmp_path / "plain.csv").write_text("chelsea_0.jpg,a cat\nchelsea_0.jpg,another cat\nmissing.jpg,x\n")
+    plain = load_captions(tmp_path / "plain.csv", small_set[1], val_fraction=0.0)
+    assert [e.captions for e in plain.entries] == [[["a", "cat"], ["another", "cat"]]]
+    assert plain.entries[0].split == "train" and len(plain.missing) == 1
+    with pytest.raises(DataError, match="None of the"):
+        load_captions(tmp_path / "plain.csv", tmp_path)
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(DataError, match="not JSON"):
+        load_captions(tmp_path / "bad.json")
+
+
+def test_vocabulary():
+    vocab = Vocab.build([["a", "dog"], ["a", "cat"], ["a", "dog", "runs"]], min_freq=2)
+    assert vocab.itos == ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]
+    assert vocab.encode(["a", "cat", "dog", "x"], max_len=3) == [1, 4, 3, 5, 2]
+    assert vocab.decode([4, 3, 5, 2, 4]) == ["a", "<unk>", "dog"]
+
+
+# ------------------------------------------------------------------ model and loss
+def test_attention_regularizer_by_hand():
+    alphas = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.3, 0.7]]])  # (B=1, T=3, P=2)
+    mask = torch.tensor([[True, True, False]])  # the third step is padding
+    # coverage = (1.5, 0.5): (1 - 1.5)^2 + (1 - 0.5)^2 = 0.5
+    assert float(attention_regularizer(alphas, mask)) == pytest.approx(0.5)
+    assert float(attention_regularizer(torch.full((2, 4, 4), 0.25), torch.ones(2, 4, dtype=torch.bool))) == 0.0
+
+
+def test_shrinking_batch_forward_matches_padded_forward():
+    torch.manual_seed(0)
+    dec = Decoder(DecoderConfig(vocab_size=15, encoder_dim=8, embed_dim=8, attention_dim=8, decoder_dim=8,
+                                dropout=0.0))
+    feats = torch.randn(3, 5, 8)
+    caps = torch.tensor([[1, 5, 6, 7, 8, 2], [1, 9, 10, 2, 0, 0], [1, 4, 2, 0, 0, 0]])
+    lengths = [6, 4, 3]
+    fast_logits, fast_alphas = dec(feats, caps, lengths)  # only the 5 + 3 + 2 predicted positions
+    full_logits, full_alphas = dec(feats, caps)  # every position, padding included
+    assert fast_logits.shape == (10, 15) and full_logits.shape == (15, 15)
+    full_logits = full_logits.view(3, 5, 15)
+    valid = torch.cat([full_logits[row, : n - 1] for row, n in enumerate(lengths)])
+    torch.testing.assert_close(fast_logits, valid)
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(fast_alphas[row, : n - 1], full_alphas[row, : n - 1])
+        assert fast_alphas[row, n - 1 :].abs().sum() == 0
+    # and the recurrence is the one beam search uses, step by step
+    h, c, proj = dec.init_state(feats[:1])
+    h, c = h.unsqueeze(1), c.unsqueeze(1)
+    for t in range(5):
+        step_logits, h, c, _ = dec.step(feats[:1], proj, caps[:1, t : t + 1], h, c)
+        torch.testing.assert_close(step_logits[0, 0], full_logits[0, t])
+    loss, ce = caption_loss(fast_logits, fast_alphas, caps, torch.tensor(lengths), 1.0, 0.0, 0)
+    mask = caps[:, 1:] != 0
+    expected = torch.nn.functional.cross_entropy(full_logits[mask], caps[:, 1:][mask])
+    torch.testing.assert_close(ce, expected)
+    assert float(loss) > float(ce)
+
+
+# ------------------------------------------------------------------ training
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_training_learns_and_writes_checkpoints_and_metrics(small_set, tmp_path):
+    result = CliRunner().invoke(cli, [
+        "train", "--data", str(small_set[0]), "--images", str(small_set[1]), "--out", str(tmp_path / "run"),
+        "--embed-dim", "32", "--attention-dim", "32", "--decoder-dim", "48", "--epochs", "6", "--batch-size", "8",
+        "--min-word-freq", "1", "--lr", "3e-3", "--no-meteor", "--cache-dir", str(tmp_path / "cache"),
+        "--workers", "0", "--val-max-len", "12"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(rows[0]) and "METEOR" not in rows[0]
+    best = max(rows, key=lambda r: r["CIDEr"])
+    config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert config["training"]["best_epoch"] == best["epoch"] and config["encoder"]["weights"] == "pretrained"
+    assert "Best CIDEr" in result.stderr and "metrics.jsonl" in result.stderr
+    db = tmp_path / "o.db"
+    cap = CliRunner().invoke(cli, ["caption", str(small_set[1]), "--model", str(tmp_path / "run" / "best"),
+                                   "--db", str(db), "--workers", "0", "-q", "--print"])
+    assert cap.exit_code == 0 and len(cap.stdout.strip().split("\n")) == 12
+
+
+def test_feature_cache_is_reused(small_set, tmp_path):
+    from sat_cli.encoders import create_encoder
+    from sat_cli.features import FeatureCache
+
+    encoder = create_encoder("timm:tf_efficientnet_lite0")
+    calls = []
+    encoder.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+    paths = sorted(str(p) for p in small_set[1].iterdir())
+    cache = FeatureCache(encoder, tmp_path / "cache")
+    first = cache.build(paths, torch.device("cpu"), "fp32", workers=0, quiet=True)
+    assert sum(calls) == 12 and all(first.values())
+    calls.clear()
+    second = FeatureCache(create_encoder("timm:tf_efficientnet_lite0"), tmp_path / "cache")
+    second.encoder.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+    assert second.dir == cache.dir
+    assert second.build(paths, torch.device("cpu"), "fp32", workers=0, quiet=True) == first and calls == []
+    other = FeatureCache(create_encoder("timm:tf_efficientnet_lite0", __import__("sat_cli.encoders").encoders
+                                        .EncoderOptions(grid=3)), tmp_path / "cache")
+    assert other.dir != cache.dir  # another grid, another key
+
+
+class StopAfter:
+    """Stands in for the Ctrl-C flag: 'pressed' after a number of training steps."""
+
+    steps = 0
+
+    def __init__(self):
+        self.reads = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    @property
+    def requested(self):
+        self.reads += 1
+        return self.reads > StopAfter.steps
+
+
+def test_stop_and_resume_continue_exactly(small_set, tmp_path, monkeypatch):
+    straight = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "straight"), epochs=3))
+    straight.setup()
+    straight.run()
+
+    import sat_cli.train as train_module
+
+    StopAfter.steps = 7  # mid-way through the second epoch (4 steps an epoch)
+    monkeypatch.setattr(train_module, "StopFlag", StopAfter)
+    cut = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "cut"), epochs=3))
+    cut.setup()
+    summary = cut.run()
+    assert summary["stopped"] and summary["epoch"] == 1 and summary["step"] == 3
+    monkeypatch.undo()
+    resumed = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "cut"), epochs=3), resume=True)
+    resumed.setup()
+    assert resumed.state["step"] == 3
+    resumed.run()
+    a, b = weights(tmp_path / "straight" / "last"), weights(tmp_path / "cut" / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}  # noqa: E731
+    assert [drop(r) for r in ma] == [drop(r) for r in mb]
+
+
+def test_two_processes_with_torchrun_end_identical(small_set, tmp_path):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "sat_cli", "train",
+           "--data", str(small_set[0]), "--images", str(small_set[1]), "--out", str(out), "--embed-dim", "32",
+           "--attention-dim", "32", "--decoder-dim", "48", "--epochs", "2", "--batch-size", "4",
+           "--min-word-freq", "1", "--no-meteor", "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "-q",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checksums = json.loads((out / "ranks.json").read_text())
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "CIDEr" in rows[-1]
+    assert (out / "best" / "model.safetensors").exists()
+
+
+def test_fine_tuning_trains_the_encoder_and_stores_it(small_set, tmp_path):
+    cfg = tiny_config(small_set, tmp_path, epochs=2, fine_tune_encoder=2, encoder_lr=1e-3)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    before = {k: v.clone() for k, v in trainer.encoder.state_dict().items()}
+    trainer.run()
+    after = trainer.encoder.state_dict()
+    changed = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert any("conv" in k for k in changed)
+    assert not any("running_mean" in k for k in changed)  # batch norm statistics stay frozen
+    config = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert config["encoder"]["weights"] == "checkpoint"
+    assert any(k.startswith("encoder.") for k in weights(tmp_path / "run" / "last"))
+
+
+# ------------------------------------------------------------------ metrics and eval
+def test_metrics_on_a_known_tiny_case(monkeypatch):
+    from sat_cli import metrics
+
+    refs = {1: ["a dog sits on grass"], 2: ["a red ball"]}
+    same = metrics.score_captions(refs, {1: "a dog sits on grass", 2: "a red ball"}, meteor=False)
+    assert same["BLEU-1"] == pytest.approx(100.0, abs=1e-3) and same["ROUGE-L"] == pytest.approx(100.0, abs=1e-3)
+    # hypothesis "a dog runs" against "a dog sits on grass": 2 of 3 unigrams match, brevity
+    # penalty exp(1 - 5/3): BLEU-1 = 2/3 * 0.5134 = 34.23
+    one = metrics.score_captions({1: ["a dog sits on grass"]}, {1: "a dog runs"}, meteor=False)
+    assert one["BLEU-1"] == pytest.approx(100 * 2 / 3 * 2.718281828 ** (1 - 5 / 3), abs=0.01)
+    none = metrics.score_captions({1: ["a dog sits on grass"], 2: ["x y z"]}, {1: "red blue", 2: "q"}, meteor=False)
+    assert none["BLEU-1"] < 1e-6 and none["CIDEr"] == 0.0
+    warnings = []
+    monkeypatch.setattr(metrics, "have_java", lambda: False)
+    nojava = metrics.score_captions(refs, {1: "a dog sits on grass", 2: "a red ball"}, meteor=True,
+                                    warn=warnings.append)
+    assert "METEOR" not in nojava and "Java" in warnings[0] and nojava["BLEU-1"] == pytest.approx(100.0, abs=1e-3)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+def test_meteor_with_java():
+    from sat_cli.metrics import score_captions
+
+    out = score_captions({1: ["a dog sits on the grass"], 2: ["a red ball"]},
+                         {1: "a dog sits on the grass", 2: "a blue cube"})
+    assert 0 < out["METEOR"] < 100
+
+
+def test_eval_model_and_database(small_set, tmp_path):
+    trainer = Trainer(tiny_config(small_set, tmp_path, epochs=3))
+    trainer.setup()
+    trainer.run()
+    best = tmp_path / "run" / "best"
+    res = CliRunner().invoke(cli, ["eval", "--model", str(best), "--data", str(small_set[0]), "--images",
+                                   str(small_set[1]), "--split", "val", "--no-meteor", "--json",
+                                   "--cache-dir", str(tmp_path / "cache"), "-q"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    model_scores = json.loads(res.stdout)
+    assert model_scores["images"] == 2 and "CIDEr" in model_scores
+    db = tmp_path / "val.db"
+    val_images = [str(small_set[1] / "chelsea_1.jpg"), str(small_set[1] / "rocket_1.jpg")]
+    cap = CliRunner().invoke(cli, ["caption", *val_images, "--model", str(best), "--db", str(db), "--workers", "0",
+                                   "-q"])
+    assert cap.exit_code == 0
+    res = CliRunner().invoke(cli, ["eval", str(db), "--references", str(small_set[0]), "--images",
+                                   str(small_set[1]), "--no-meteor", "--json"], catch_exceptions=False)
+    db_scores = json.loads(res.stdout)
+    assert db_scores["images"] == 2
+    for metric in ("BLEU-4", "CIDEr", "ROUGE-L"):  # same model, same beam, same images: same scores
+        assert db_scores[metric] == pytest.approx(model_scores[metric], abs=1e-3)
+    table = CliRunner().invoke(cli, ["eval", str(db), "--references", str(small_set[0]), "--images",
+                                     str(small_set[1]), "--no-meteor"])
+    assert "CIDEr" in table.stderr
+
+
+def test_cider_d_matches_pycocoevalcap():
+    from pycocoevalcap.cider.cider import Cider
+
+    from sat_cli.cider import CiderD
+
+    refs = {0: ["a dog runs on the grass", "a brown dog running", "dog on grass"],
+            1: ["a man rides a red bike", "a cyclist on a road", "man riding bicycle"],
+            2: ["two cats sleep on a sofa", "cats on a couch", "two cats sleeping"]}
+    hyps = {0: "a dog on the grass", 1: "a man on a red bike", 2: "a cat on a couch"}
+    reference, per_image = Cider().compute_score({k: v for k, v in refs.items()}, {k: [v] for k, v in hyps.items()})
+    mine = CiderD([[r.split() for r in refs[k]] for k in range(3)])
+    scores = [mine.score(hyps[k].split(), k) for k in range(3)]
+    assert scores == pytest.approx(list(per_image), rel=1e-9)
+    assert sum(scores) / 3 == pytest.approx(reference, rel=1e-9)
+
+
+class CatReward:
+    """A reward the policy gradient must learn: the share of sampled words that are 'cat'."""
+
+    def score(self, words, image):
+        return sum(w == "cat" for w in words) / max(1, len(words))
+
+
+def greedy_cat_share(trainer) -> float:
+    from sat_cli.beam import DecodeSettings, beam_search
+
+    v = trainer.vocab
+    trainer.decoder.eval()
+    out = beam_search(trainer.decoder, trainer.train_feats.float(), DecodeSettings(beam_size=1, max_len=20),
+                      start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+    words = [w for h in out for w in v.decode(h[0].tokens)]
+    return sum(w == "cat" for w in words) / max(1, len(words))
+
+
+def test_self_critical_training_follows_the_reward(small_set, tmp_path):
+    base = dict(lr=5e-3, early_stop=20, scst_lr=1e-2, scst_samples=5, batch_size=4)
+    xe = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "xe"), epochs=4, **base))
+    xe.setup()
+    xe.run()
+    trainer = Trainer(tiny_config(small_set, tmp_path, epochs=12, scst_from=5, **base))
+    trainer.setup()
+    trainer.cider = CatReward()
+    summary = trainer.run()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [("train_loss" in r, "train_reward" in r) for r in rows] == [(True, False)] * 4 + [(False, True)] * 8
+    assert rows[4]["lr"] == 1e-2 and summary["scst"] is True
+    rewards = [r["train_reward"] for r in rows[4:]]
+    assert rewards[-1] > 3 * rewards[0]
+    assert greedy_cat_share(trainer) > greedy_cat_share(xe) + 0.2  # the greedy captions moved too
+    assert "CIDEr" in rows[-1]  # validation still scores with pycocoevalcap
+    # warm start: a new run from that checkpoint keeps its vocabulary and sizes
+    again = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "again"), epochs=1,
+                                init_from=str(tmp_path / "run" / "last"), embed_dim=8, min_word_freq=3))
+    again.setup()
+    assert again.vocab.itos == trainer.vocab.itos and again.decoder.config.embed_dim == 32
+    for a, b in zip(again.decoder.state_dict().values(), trainer.decoder.state_dict().values()):
+        torch.testing.assert_close(a, b)
