@@ -126,6 +126,17 @@ class Dist:
         td.all_reduce(t)
         return bool(t.item() > 0)
 
+    def average_gradients(self, params):
+        """Mean of the gradients over the ranks, for parameters stepped outside DDP's forward."""
+        if self.world == 1:
+            return
+        import torch.distributed as td
+
+        for p in params:
+            if p.grad is not None:
+                td.all_reduce(p.grad)
+                p.grad /= self.world
+
     def close(self):
         if self.world > 1:
             import torch.distributed as td
@@ -317,7 +328,7 @@ class Trainer:
             self.optimizer, mode="max", factor=cfg.lr_decay, patience=cfg.lr_patience)
         self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and self.precision == "fp16" else None
         self.state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0,
-                      "fine_tuning": False, "scst": False, "train_seconds": 0.0}
+                      "fine_tuning": False, "scst": False, "train_seconds": 0.0, "running": (0.0, 0)}
         self.cider = None
         if self.resume:
             self.load_state()
@@ -404,6 +415,7 @@ class Trainer:
         np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
         for key in ("epoch", "step", "best", "best_epoch", "bad_epochs", "fine_tuning", "scst", "train_seconds"):
             self.state[key] = state.get(key, False)
+        self.state["running"] = tuple(state.get("running", (0.0, 0)))
         self.state["best_metrics"] = json.loads(state["best_metrics"])
         self.say(f"Resuming {self.out} at epoch {self.state['epoch'] + 1}, step {self.state['step']}")
 
@@ -464,7 +476,8 @@ class Trainer:
         batches = self.batches(epoch)
         start_step = self.state["step"]
         pixels_iter = self.image_batches(batches[start_step:]) if tuning else None
-        total, count, samples = 0.0, 0, 0
+        total, count = self.state["running"] if start_step else (0.0, 0)  # an interrupted epoch's mean so far
+        samples = 0
         world = self.dist.world
         progress.update(task, total=sum(len(b) for b in batches) * world,
                         completed=sum(len(b) for b in batches[:start_step]) * world)
@@ -489,6 +502,8 @@ class Trainer:
             params = list(self.decoder.parameters()) + (list(self.encoder.parameters()) if tuning else [])
             if self.scaler:
                 self.scaler.scale(loss).backward()
+                if tuning:
+                    self.dist.average_gradients(self.encoder.parameters())  # DDP wraps the decoder only
                 self.scaler.unscale_(self.optimizer)
                 if tuning:
                     self.scaler.unscale_(self.encoder_optimizer)
@@ -499,6 +514,8 @@ class Trainer:
                 self.scaler.update()
             else:
                 loss.backward()
+                if tuning:
+                    self.dist.average_gradients(self.encoder.parameters())  # DDP wraps the decoder only
                 clip_grad_norm_(params, cfg.grad_clip)
                 self.optimizer.step()
                 if tuning:
@@ -507,6 +524,7 @@ class Trainer:
             count += len(idx)
             samples += len(idx) * self.dist.world
             self.state["step"] = step + 1
+            self.state["running"] = (total, count)
             progress.update(task, advance=len(idx) * world, status=f"loss {total / count:.3f}")
             if self.dist.any(stop.requested, device):
                 return total / max(count, 1), samples, True
@@ -542,7 +560,7 @@ class Trainer:
         progress.update(task, total=len(order) * world, completed=sum(len(b) for b in batches[: self.state["step"]]) * world)
         blocked = torch.tensor([vocab.pad, vocab.start, vocab.unk], device=device)
         K = cfg.scst_samples
-        total, count = 0.0, 0
+        total, count = self.state["running"] if self.state["step"] else (0.0, 0)
         for step in range(self.state["step"], len(batches)):
             images = torch.tensor(batches[step])
             feats = self.train_feats[images].to(device).float()
@@ -571,18 +589,13 @@ class Trainer:
             loss = -((rewards - baseline) * logprob).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if world > 1:  # the decoder is stepped outside DDP's forward: average gradients by hand
-                import torch.distributed as td
-
-                for p in self.decoder.parameters():
-                    if p.grad is not None:
-                        td.all_reduce(p.grad)
-                        p.grad /= world
+            self.dist.average_gradients(self.decoder.parameters())  # sampled outside DDP's forward
             clip_grad_norm_(self.decoder.parameters(), cfg.grad_clip)
             self.optimizer.step()
             total += float(rewards.mean()) * B
             count += B
             self.state["step"] = step + 1
+            self.state["running"] = (total, count)
             progress.update(task, advance=B * world, status=f"reward {total / count:.3f}")
             if self.dist.any(stop.requested, device):
                 return total / max(count, 1), count * world, True

@@ -156,8 +156,11 @@ def test_torchvision_offline_without_cache_names_the_file(monkeypatch, tmp_path)
     assert "--encoder-weights" in message
 
 
-def test_timm_offline_without_cache_names_the_hub_file():
-    with pytest.raises(WeightsError) as info:  # HF_HUB_OFFLINE=1 and an empty cache (conftest)
+def test_timm_offline_without_cache_names_the_hub_file(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it here too
+    with pytest.raises(WeightsError) as info:  # offline, and an empty cache (conftest)
         create_encoder("timm:resnet18")
     assert "timm/resnet18.a1_in1k" in str(info.value) and "--encoder-weights" in str(info.value)
 

@@ -393,3 +393,20 @@ def test_self_critical_training_follows_the_reward(small_set, tmp_path):
     assert again.vocab.itos == trainer.vocab.itos and again.decoder.config.embed_dim == 32
     for a, b in zip(again.decoder.state_dict().values(), trainer.decoder.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_cli_resume_extends_a_finished_run(small_set, tmp_path):
+    args = ["train", "--data", str(small_set[0]), "--images", str(small_set[1]), "--out", str(tmp_path / "r"),
+            "--embed-dim", "16", "--attention-dim", "16", "--decoder-dim", "16", "--epochs", "1",
+            "--min-word-freq", "1", "--no-meteor", "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "-q"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    again = CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "r"), "--epochs", "2", "-q"])
+    assert again.exit_code == 0, again.output
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    saved = json.loads((tmp_path / "r" / "train_config.json").read_text())
+    assert saved["decoder_dim"] == 16
+    bad = CliRunner().invoke(cli, ["train", "--resume", str(tmp_path)])
+    assert bad.exit_code == 2 and "not a sat run folder" in bad.stderr
+    nodata = CliRunner().invoke(cli, ["train"])
+    assert nodata.exit_code == 2 and "--data is required" in nodata.stderr
