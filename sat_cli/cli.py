@@ -223,7 +223,8 @@ def export(db_path, fmt, out, best, run, no_failed, attention, page_size, quiet)
 @click.option("--rank", default=1, show_default=True, type=click.IntRange(1), help="Which n-best caption to show.")
 @click.option("--run", type=int, help="Use the captions of this run (default: the newest).")
 @click.option("--columns", default=5, show_default=True, type=click.IntRange(1), help="Panels per row.")
-def show(db_path, image, out, rank, run, columns):
+@click.option("--panel", default=224, show_default=True, type=click.IntRange(32), help="Panel size in pixels.")
+def show(db_path, image, out, rank, run, columns, panel):
     """Draw where the model looked: the image with its caption, then each word over the image
     with its attention map (upsampled, smoothed, overlaid), as in the paper's figures.
 
@@ -244,7 +245,7 @@ def show(db_path, image, out, rank, run, columns):
     cap, maps = caption_with_attention(db, row, rank=rank, run=run)
     words = json.loads(cap["tokens"])
     target = out or f"{Path(row['path']).stem}.attention.png"
-    render(row["path"], words, maps, cap["text"], target, columns=columns,
+    render(row["path"], words, maps, cap["text"], target, columns=columns, panel=panel,
            title=f"rank {rank}, score {cap['score']:.2f}")
     console.print(f"{target}: {cap['text']!r} ({len(words)} words, run {cap['run_id']})", highlight=False)
 

@@ -1,5 +1,6 @@
 """``sat show``: the paper's figure. The image with its caption, then one panel per word with the
-word's attention map upsampled, smoothed and blended over the image. Writes a PNG, headless."""
+word's attention map upsampled, smoothed and blended over the image (what the model looked at stays
+lit, the rest dims). Writes a PNG, headless."""
 
 from __future__ import annotations
 
@@ -99,8 +100,9 @@ def render(image_path: str, words: list[str], maps, caption: str, out: str | Pat
     n = len(words) + 1
     cols = min(columns, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows * img.height / img.width + 0.5 * rows),
-                             squeeze=False)
+    inch = panel / 100  # saved at 100 dpi: one panel pixel per image pixel
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * (inch + 0.2), rows * (inch * img.height / img.width + 0.45)
+                                                  + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     first = axes.flat[0]
@@ -108,8 +110,8 @@ def render(image_path: str, words: list[str], maps, caption: str, out: str | Pat
     first.set_title(title or "image", fontsize=10)
     for i, word in enumerate(words, start=1):
         ax = axes.flat[i]
-        ax.imshow(pixels)
-        ax.imshow(smooth_map(maps[i - 1], img.size), cmap="gray", alpha=0.7, vmin=0, vmax=1)
+        light = smooth_map(maps[i - 1], img.size)[..., None]  # 1 where the model looked
+        ax.imshow((pixels * (0.15 + 0.85 * light)).astype(np.uint8))  # the rest of the photo dims
         ax.set_title(word, fontsize=12)
     fig.suptitle(caption, fontsize=13)
     fig.tight_layout()

@@ -254,7 +254,7 @@ class Trainer:
             device = torch.device("cuda", dist.local_rank)
             torch.cuda.set_device(device)
         self.device = device
-        self.precision = resolve_precision(device, cfg.precision)
+        self.precision = resolve_precision(device, cfg.precision, training=True)
         dist.init(device)
         torch.manual_seed(cfg.seed)
 

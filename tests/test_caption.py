@@ -135,3 +135,16 @@ def test_two_ranks_share_one_database(photos, tmp_path, tiny_model):
     db = sqlite_utils.Database(db_path)
     assert db["images"].count == 4 and db["results"].count == 4 and db["runs"].count == 2
     assert sorted(r["captioned"] for r in db["runs"].rows) == [2, 2]
+
+
+def test_default_model_captions_the_examples(tmp_path):
+    """No --model: the model shipped in the package (real weights, offline Lite0 encoder)."""
+    result = run("caption", EXAMPLES, "--db", tmp_path / "ex.db", "--workers", "0", "--print", "-q")
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split("\t") for line in result.stdout.strip().split("\n"))
+    assert len(lines) == 5 and all(len(text.split()) >= 4 for text in lines.values())
+    assert "cat" in lines[str(EXAMPLES / "chelsea.png")].split()
+    db = sqlite_utils.Database(tmp_path / "ex.db")
+    run_row = db["runs"].get(1)
+    assert run_row["encoder"] == "timm:tf_efficientnet_lite0" and run_row["model_path"].endswith("default")
+    assert json.loads(run_row["settings"])["beam_size"] == 3
