@@ -158,9 +158,14 @@ def caption_files(inputs: list[str], db_path: str, checkpoint, settings: DecodeS
                     hyps = beam_search(decoder, features.float(), settings, start=vocab.start, end=vocab.end,
                                        blocked=blocked, attention=options.attention)
                     for (rec, _), image_hyps in zip(fresh, hyps):
+                        if not image_hyps:  # every score was NaN or -inf
+                            rec.error = ("the model produced no caption (non-finite scores: the encoder's features "
+                                         "may overflow; try --precision fp32)")
+                            fail(rec.path, rec.error)
+                            continue
                         rec.captions = hypotheses_to_records(image_hyps, vocab, grid, options.attention)
                 store.write_batch(run_id, records, fingerprint, key)
-                summary.captioned += len(fresh)
+                summary.captioned += sum(1 for rec, _ in fresh if rec.captions)
                 if on_image:
                     for rec in records:
                         on_image(rec)

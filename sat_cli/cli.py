@@ -92,7 +92,7 @@ def decode_options(fn):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
               help="auto picks CUDA, then MPS, then the CPU.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-              help="Encoder precision; auto is bf16/fp16 autocast on CUDA and fp32 elsewhere.")
+              help="Encoder precision; auto is fp16 autocast on CUDA and fp32 elsewhere (fp32 on CUDA turns TF32 off).")
 @click.option("--workers", type=click.IntRange(0),
               help="Image-decoding worker processes (default: one per spare core, up to 8; 0 decodes in-process).")
 @click.option("--force", is_flag=True, help="Caption again images already captioned with this model and settings.")
@@ -376,7 +376,7 @@ def encoders(as_json):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-              help="Mixed precision on CUDA (auto: bf16 or fp16); fp32 elsewhere.")
+              help="Mixed precision on CUDA (auto: bf16 where supported, else fp16 with loss scaling); fp32 elsewhere.")
 @click.option("--workers", type=click.IntRange(0), help="Image-decoding worker processes.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Feature cache folder (default: $SAT_CACHE_DIR or ~/.cache/sat/features).")

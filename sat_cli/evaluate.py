@@ -34,7 +34,7 @@ def decode_split(checkpoint, entries, settings, device: str = "auto", precision:
     def decode(batch_paths, feats):
         for path, hyps in zip(batch_paths, beam_search(decoder, feats, settings, start=vocab.start, end=vocab.end,
                                                        blocked=blocked, attention=False)):
-            out[path] = " ".join(vocab.decode(hyps[0].tokens))
+            out[path] = " ".join(vocab.decode(hyps[0].tokens)) if hyps else ""
 
     if use_cache:
         cache = FeatureCache(encoder, cache_dir)

@@ -50,12 +50,15 @@ class FeatureCache:
         return frozenset(found)
 
     def save(self, sha: str, features: np.ndarray):
-        """Atomically write one image's features (P, C) as float16."""
+        """Atomically write one image's features (P, C): float16, or float32 where float16 would
+        overflow (an encoder with very large activations)."""
         target = self.file(sha)
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        half = features.astype(np.float16)
+        overflow = np.isfinite(features).all() and not np.isfinite(half).all()
         with open(tmp, "wb") as f:
-            np.save(f, features.astype(np.float16))
+            np.save(f, features.astype(np.float32) if overflow else half)
         os.replace(tmp, target)
 
     def load(self, sha: str) -> np.ndarray:

@@ -112,13 +112,13 @@ def m001_initial(db):
 def apply_migrations(db) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     table = db["_sat_migrations"]
-    if not table.exists():
-        table.create({"name": str, "applied_at": str}, pk="name")
+    table.create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
     done = {row["name"] for row in table.rows}
     applied = []
     for fn in MIGRATIONS:
         if fn.__name__ not in done:
             fn(db)
-            table.insert({"name": fn.__name__, "applied_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            table.insert({"name": fn.__name__, "applied_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                         ignore=True)  # another process may have applied it at the same moment
             applied.append(fn.__name__)
     return applied

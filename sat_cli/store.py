@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ def now() -> str:
 def open_db(path: str | Path, must_exist: bool = False):
     """Open (or create) a sat database: WAL journal, foreign keys, migrations applied."""
     import sqlite3
+    import time
 
     from sqlite_utils import Database
 
@@ -34,15 +36,30 @@ def open_db(path: str | Path, must_exist: bool = False):
             raise SatError(f"{p} is not an SQLite database")
     elif must_exist:
         raise SatError(f"Database not found: {p}")
-    try:
-        db = Database(p)
-        db.execute("PRAGMA busy_timeout = 60000")  # other writers (torchrun ranks) wait their turn
-        if db.journal_mode != "wal":
-            db.enable_wal()
-        db.execute("PRAGMA foreign_keys = ON")
-        apply_migrations(db)
-    except sqlite3.DatabaseError as exc:
-        raise SatError(f"Cannot open database {p}: {exc}") from exc
+    # Two processes opening a new database at once (torchrun ranks) can meet SQLITE_BUSY while one
+    # switches it to WAL or creates the schema; SQLite does not always wait on busy_timeout there,
+    # so retry: the migrations are idempotent.
+    deadline, delay = time.monotonic() + 60, 0.02
+    while True:
+        db = None
+        try:
+            db = Database(p)
+            db.execute("PRAGMA busy_timeout = 60000")  # other writers (torchrun ranks) wait their turn
+            if db.journal_mode != "wal":
+                db.enable_wal()
+            db.execute("PRAGMA foreign_keys = ON")
+            apply_migrations(db)
+            break
+        except sqlite3.OperationalError as exc:
+            if db is not None:
+                db.close()
+            if ("locked" in str(exc) or "busy" in str(exc)) and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            raise SatError(f"Cannot open database {p}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise SatError(f"Cannot open database {p}: {exc}") from exc
     return db
 
 
@@ -72,6 +89,21 @@ class Store:
     def __init__(self, db):
         self.db = db
 
+    @contextmanager
+    def write(self):
+        """One write transaction. BEGIN IMMEDIATE takes the write lock up front (waiting on
+        busy_timeout for other writers); a deferred BEGIN that reads first would fail at once with
+        SQLITE_BUSY in WAL mode when another process (a torchrun rank) commits in between."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     def start_run(self, **fields) -> int:
         import sys
 
@@ -88,11 +120,11 @@ class Store:
             "command": json.dumps(sys.argv),
             **fields,
         }
-        with self.db.atomic():
+        with self.write():
             return self.db["runs"].insert(row).last_pk
 
     def finish_run(self, run_id: int, status: str, captioned: int, skipped: int, failed: int):
-        with self.db.atomic():
+        with self.write():
             self.db["runs"].update(
                 run_id,
                 {"finished_at": now(), "status": status, "captioned": captioned, "skipped": skipped, "failed": failed},
@@ -107,7 +139,7 @@ class Store:
     def write_batch(self, run_id: int, records: list[ImageRecord], fingerprint: str, settings_key: str):
         """Store one batch in one transaction: a crash loses this batch or nothing."""
         stamp = now()
-        with self.db.atomic():
+        with self.write():
             for rec in records:
                 self.db.execute(
                     """INSERT INTO images (path, sha256, bytes, width, height, status, error, run_id, updated_at)

@@ -635,7 +635,7 @@ class Trainer:
             out = beam_search(self.decoder, feats, settings, start=self.vocab.start, end=self.vocab.end,
                               blocked=blocked, attention=False)
             for entry, h in zip(self.val_entries[i : i + bs], out):
-                hyps[entry.path] = " ".join(self.vocab.decode(h[0].tokens))
+                hyps[entry.path] = " ".join(self.vocab.decode(h[0].tokens)) if h else ""
         refs = {e.path: e.raw for e in self.val_entries}
         from .metrics import score_captions
 

@@ -148,3 +148,22 @@ def test_default_model_captions_the_examples(tmp_path):
     run_row = db["runs"].get(1)
     assert run_row["encoder"] == "timm:tf_efficientnet_lite0" and run_row["model_path"].endswith("default")
     assert json.loads(run_row["settings"])["beam_size"] == 3
+
+
+def test_a_model_that_outputs_nan_gives_error_rows_not_a_crash(photos, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "nan")
+    weights = load_file(str(model / "model.safetensors"))
+    weights["decoder.fc.bias"] = torch.full_like(weights["decoder.fc.bias"], float("nan"))
+    save_file(weights, str(model / "model.safetensors"))
+    result = caption(photos, tmp_path / "n.db", model)
+    assert result.exit_code == 1 and "0 captioned" in result.stderr and "4 failed" in result.stderr
+    db = sqlite_utils.Database(tmp_path / "n.db")
+    assert {r["error"] for r in db["images"].rows} == {
+        "the model produced no caption (non-finite scores: the encoder's features may overflow; try --precision fp32)"}
+    assert db["results"].count == 0
+

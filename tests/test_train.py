@@ -201,6 +201,20 @@ def test_feature_cache_is_reused(small_set, tmp_path):
     assert other.dir != cache.dir  # another grid, another key
 
 
+def test_feature_cache_keeps_float32_where_float16_overflows(tmp_path):
+    import numpy as np
+
+    from sat_cli.features import FeatureCache
+
+    cache = FeatureCache.__new__(FeatureCache)
+    cache.dir = tmp_path
+    cache.save("ab" * 32, np.array([[1.5, 2.0]], dtype=np.float32))
+    cache.save("cd" * 32, np.array([[1e6, 2.0]], dtype=np.float32))
+    assert cache.load("ab" * 32).dtype == np.float16
+    big = cache.load("cd" * 32)
+    assert big.dtype == np.float32 and big[0, 0] == 1e6
+
+
 class StopAfter:
     """Stands in for the Ctrl-C flag: 'pressed' after a number of training steps."""
 
