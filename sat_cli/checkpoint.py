@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -194,7 +195,48 @@ def save_checkpoint(path: str | Path, encoder, decoder, vocab, *, include_encode
     }
     tmp_w, tmp_c = out / (WEIGHTS + ".tmp"), out / (CONFIG + ".tmp")
     save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_w, 0o666 & ~umask)  # safetensors creates the file owner-only; use the usual mode
     tmp_c.write_text(json.dumps(config, indent=1) + "\n")
     tmp_w.replace(out / WEIGHTS)
     tmp_c.replace(out / CONFIG)
     return out
+
+
+def average_checkpoints(paths: list, out: str | Path, half: bool = False) -> Path:
+    """Write the uniform average of the weights of several checkpoints of one model (same
+    encoder, preprocessing, vocabulary and sizes: typically epochs of one run) to ``out``."""
+    import torch
+
+    if len(paths) < 2:
+        raise SatError("averaging needs at least two checkpoints")
+    cks = [load_checkpoint(p) for p in paths]
+    first = cks[0]
+    for ck in cks[1:]:
+        for key in ("encoder", "preprocess", "decoder", "vocab"):
+            if ck.config.get(key) != first.config.get(key):
+                raise CheckpointError(
+                    f"{ck.path} and {first.path} differ in their {key}: only checkpoints of one model "
+                    "(same encoder, preprocessing, vocabulary and sizes, e.g. epochs of one run) can be averaged")
+
+    def mean_into(modules):
+        states = [m.state_dict() for m in modules]
+        averaged = {}
+        for name, value in states[0].items():
+            if value.is_floating_point():
+                averaged[name] = torch.stack([s[name].float() for s in states]).mean(0).to(value.dtype)
+            else:  # counters such as batch norm's num_batches_tracked
+                averaged[name] = value
+        modules[0].load_state_dict(averaged)
+
+    mean_into([ck.decoder for ck in cks])
+    with_encoder = first.config["encoder"].get("weights") == "checkpoint"
+    if with_encoder:
+        mean_into([ck.encoder for ck in cks])
+    training = dict(first.config.get("training") or {})
+    training["averaged_from"] = [
+        {"path": str(ck.path), "fingerprint": ck.fingerprint, "epoch": (ck.config.get("training") or {}).get("epoch")}
+        for ck in cks]
+    return save_checkpoint(out, first.encoder, first.decoder, first.vocab, include_encoder=with_encoder,
+                           decode=first.config.get("decode"), training=training, half=half)

@@ -360,7 +360,7 @@ def encoders(as_json):
 @click.option("--min-word-freq", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--max-caption-len", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--lr-decay", default=0.5, show_default=True, type=click.FloatRange(0, 1),
-              help="Multiply learning rates by this after --lr-patience epochs without improvement.")
+              help="Multiply learning rates by this when more than --lr-patience epochs in a row bring no improvement.")
 @click.option("--lr-patience", default=2, show_default=True, type=click.IntRange(0))
 @click.option("--early-stop", default=6, show_default=True, type=click.IntRange(1),
               help="Stop after this many epochs without improvement.")
@@ -446,6 +446,29 @@ def train(resume_dir, **options):
             console.print(f"Best {cfg.metric} {summary['best']:.2f} at epoch {summary['best_epoch']}: {cfg.out}/best")
     if summary["stopped"]:
         sys.exit(130)
+
+
+@cli.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the averaged checkpoint.")
+@click.option("--half", is_flag=True, help="Store it in float16 (half the size).")
+def average(checkpoints, out, half):
+    """Average the weights of checkpoints of one model into a new checkpoint.
+
+    Checkpoint averaging: the mean of nearby epochs of one run often captions better than
+    any one of them. The checkpoints must share encoder, preprocessing, vocabulary and sizes.
+    Score the result with `sat eval` before you use it.
+
+    \b
+    Examples:
+      sat average runs/x/best runs/x/last --out runs/x/avg
+      sat average runs/x/best runs/x/last --out runs/x/avg --half
+    """
+    from .checkpoint import average_checkpoints
+
+    path = average_checkpoints(list(checkpoints), out, half=half)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    click.echo(f"Averaged {len(checkpoints)} checkpoints into {path} ({size / 1e6:.1f} MB)", err=True)
 
 
 @cli.command(name="eval")

@@ -39,6 +39,21 @@ def test_round_trip_restores_every_weight(tmp_path):
     assert load_checkpoint(copy / "config.json").vocab.itos == ck.vocab.itos
 
 
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    """safetensors creates its file owner-only; a saved checkpoint follows the umask like other files."""
+    import os
+    import stat
+
+    ck = load_checkpoint(build_tiny_model(tmp_path / "m"))
+    old = os.umask(0o022)
+    try:
+        out = save_checkpoint(tmp_path / "perm", ck.encoder, ck.decoder, ck.vocab)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+
+
 def test_fingerprint_follows_the_weights(tmp_path):
     a = load_checkpoint(build_tiny_model(tmp_path / "a", seed=0))
     b = load_checkpoint(build_tiny_model(tmp_path / "b", seed=1))
@@ -96,3 +111,41 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     (path / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_checkpoint(path)
+
+
+def test_average_of_checkpoints_is_the_mean_of_their_weights(tmp_path):
+    from click.testing import CliRunner
+
+    from sat_cli.cli import cli
+
+    a, b = build_tiny_model(tmp_path / "a", seed=0), build_tiny_model(tmp_path / "b", seed=1)
+    result = CliRunner().invoke(cli, ["average", str(a), str(b), "--out", str(tmp_path / "avg")])
+    assert result.exit_code == 0, result.output
+    avg, ca, cb = (load_checkpoint(p) for p in (tmp_path / "avg", a, b))
+    for part in ("decoder", "encoder"):  # the tiny models store their encoder: it is averaged too
+        sa, sb, sm = (getattr(c, part).state_dict() for c in (ca, cb, avg))
+        floats = [k for k in sm if sm[k].is_floating_point()]
+        assert floats and any(not torch.equal(sa[k], sb[k]) for k in floats)
+        for k in floats:
+            torch.testing.assert_close(sm[k], (sa[k] + sb[k]) / 2)
+    config = json.loads((tmp_path / "avg" / "config.json").read_text())
+    assert [m["fingerprint"] for m in config["training"]["averaged_from"]] == [ca.fingerprint, cb.fingerprint]
+    assert avg.fingerprint not in (ca.fingerprint, cb.fingerprint)
+
+    half = CliRunner().invoke(cli, ["average", str(a), str(b), "--out", str(tmp_path / "half"), "--half"])
+    assert half.exit_code == 0 and (tmp_path / "half" / "model.safetensors").stat().st_size < (
+        tmp_path / "avg" / "model.safetensors").stat().st_size * 0.6
+
+
+def test_average_refuses_checkpoints_of_different_models(tmp_path):
+    from click.testing import CliRunner
+
+    from sat_cli.cli import cli
+
+    a = build_tiny_model(tmp_path / "a")
+    other = build_tiny_model(tmp_path / "other", words=["a", "dog", "runs"])
+    result = CliRunner().invoke(cli, ["average", str(a), str(other), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "differ in their" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+    one = CliRunner().invoke(cli, ["average", str(a), "--out", str(tmp_path / "x")])
+    assert one.exit_code == 2 and "at least two" in one.output
