@@ -26,10 +26,13 @@ DATA = ROOT.parent / "shared" / "data" / "captions.json"
 OUT = ROOT / "bench" / "out"
 
 
+CACHE = OUT / "cache"
+
+
 def trainer(**overrides):
     from sat_cli.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(data=str(DATA), out=str(OUT / "train_bench"), cache_dir=str(OUT / "cache"), quiet=True,
+    cfg = TrainConfig(data=str(DATA), out=str(OUT / "train_bench"), cache_dir=str(CACHE), quiet=True,
                       meteor=False, **overrides)
     t = Trainer(cfg)
     t.setup()
@@ -86,14 +89,14 @@ def part_epoch():
     from sat_cli.progress import NullProgress
 
     recipes = [("reference recipe (224 px, 7x7 grid)", {}),
-               ("default-model recipe (320 px, 10x10 grid, label smoothing 0.1)",
-                {"image_size": 320, "label_smoothing": 0.1})]
+               ("default-model recipe (384 px, 12x12 grid, label smoothing 0.1)",
+                {"image_size": 384, "label_smoothing": 0.1})]
     for label, overrides in recipes:
         print(f"== one epoch over the shared train split, cached features, {label} ==")
-        before = sum(1 for _ in (OUT / "cache").rglob("*.npy"))
+        before = sum(1 for _ in CACHE.rglob("*.npy"))
         start = time.perf_counter()
         t = trainer(epochs=1, **overrides)
-        built = sum(1 for _ in (OUT / "cache").rglob("*.npy")) - before
+        built = sum(1 for _ in CACHE.rglob("*.npy")) - before
         print(f"set-up (vocabulary; features of {built} images computed, the rest read from the cache): "
               f"{time.perf_counter() - start:.1f}s")
         start = time.perf_counter()
@@ -112,10 +115,13 @@ def part_epoch():
 
 
 def main():
+    global CACHE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["cache", "epoch"])
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--cache-dir", type=Path, default=CACHE, help="Feature cache (default: bench/out/cache).")
     args = ap.parse_args()
+    CACHE = args.cache_dir
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     if args.only in (None, "cache"):
         part_cache(args.steps)

@@ -112,4 +112,5 @@ def build(name: str, options: EncoderOptions) -> Encoder:
     with torch.no_grad():  # one small forward tells the layout of the feature map
         out = model.forward_features(torch.zeros(1, 3, *preprocess.size))
     channels_last = out.shape[1] != model.num_features and out.shape[-1] == model.num_features
-    return TimmCNNEncoder(f"timm:{name}", preprocess, model.num_features, options.grid, model, channels_last).eval()
+    encoder = TimmCNNEncoder(f"timm:{name}", preprocess, model.num_features, options.grid, model, channels_last)
+    return encoder.use_channels_last().eval()

@@ -99,4 +99,4 @@ def build(name: str, options: EncoderOptions) -> Encoder:
     else:
         body, out_dim = nn.Sequential(*list(net.children())[:-2]), net.fc.in_features
     grid = DEFAULT_GRID if options.grid is None else options.grid
-    return TorchvisionEncoder(f"torchvision:{name}", preprocess, out_dim, grid, body).eval()
+    return TorchvisionEncoder(f"torchvision:{name}", preprocess, out_dim, grid, body).use_channels_last().eval()
