@@ -55,7 +55,8 @@ class FeatureCache:
         target = self.file(sha)
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        half = features.astype(np.float16)
+        with np.errstate(over="ignore"):  # detected just below
+            half = features.astype(np.float16)
         overflow = np.isfinite(features).all() and not np.isfinite(half).all()
         with open(tmp, "wb") as f:
             np.save(f, features.astype(np.float32) if overflow else half)
