@@ -69,12 +69,17 @@ def decoder_macs(ck, hyp_steps: int, images: int) -> float:
     return images * per_image + hyp_steps * per_step
 
 
+def pixel_batch(paths, size, interpolation) -> torch.Tensor:
+    """uint8 images (B, 3, H, W), each loaded and resized as `sat caption` does."""
+    return torch.stack([torch.from_numpy(load_image(p, size, interpolation)[0].copy()).permute(2, 0, 1)
+                        for p in paths])
+
+
 def encode_all(ck, paths, batch=32):
     pre = ck.preprocess
     feats = []
     for i in range(0, len(paths), batch):
-        x = torch.stack([torch.from_numpy(load_image(p, pre.size, pre.interpolation)[0].copy()).permute(2, 0, 1)
-                         for p in paths[i : i + batch]])
+        x = pixel_batch(paths[i : i + batch], pre.size, pre.interpolation)
         with torch.inference_mode():
             feats.append(ck.encoder(x))
     return torch.cat(feats)
@@ -138,7 +143,7 @@ def per_image_pipeline(ck, paths) -> float:
     blocked = (v.pad, v.start, v.unk)
 
     def one(p):
-        x = torch.from_numpy(load_image(p, pre.size, pre.interpolation)[0].copy()).permute(2, 0, 1)[None]
+        x = pixel_batch([p], pre.size, pre.interpolation)
         with torch.inference_mode():
             f = ck.encoder(x)
         return reference_beam_search(ck.decoder, f, 3, 50, v.start, v.end, blocked)
@@ -156,8 +161,7 @@ def encoder_only(ck, paths, batch=16) -> float:
 
     def run(ps):
         for i in range(0, len(ps), batch):
-            x = torch.stack([torch.from_numpy(load_image(p, pre.size, pre.interpolation)[0].copy()).permute(2, 0, 1)
-                             for p in ps[i : i + batch]])
+            x = pixel_batch(ps[i : i + batch], pre.size, pre.interpolation)
             with torch.inference_mode():
                 ck.encoder(x)
 
@@ -215,8 +219,7 @@ def resnet_model() -> tuple[str, str]:
             with torch.no_grad():
                 paths = photos(64, offset=1000)
                 for i in range(0, 64, 16):
-                    x = torch.stack([torch.from_numpy(load_image(p, (224, 224), "bilinear")[0].copy()).permute(2, 0, 1)
-                                     for p in paths[i : i + 16]]).float() / 255
+                    x = pixel_batch(paths[i : i + 16], (224, 224), "bilinear").float() / 255
                     net((x - mean) / std)
             save_file(net.state_dict(), str(weights))
         subprocess.run([sys.executable, "-m", "sat_cli", "train", "--data", str(out / "subset.json"), "--images",

@@ -20,6 +20,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
+MODEL_FIELDS = ("encoder", "preprocess", "decoder", "vocab")  # the config parts that change the output
 
 
 def resolve_paths(path: str | Path) -> tuple[Path, Path]:
@@ -70,7 +71,7 @@ def fingerprint_of(weights: Path, config: dict) -> str:
     with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    core = {k: config.get(k) for k in ("encoder", "preprocess", "decoder", "vocab")}
+    core = {k: config.get(k) for k in MODEL_FIELDS}
     h.update(json.dumps(core, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -214,7 +215,7 @@ def average_checkpoints(paths: list, out: str | Path, half: bool = False) -> Pat
     cks = [load_checkpoint(p) for p in paths]
     first = cks[0]
     for ck in cks[1:]:
-        for key in ("encoder", "preprocess", "decoder", "vocab"):
+        for key in MODEL_FIELDS:
             if ck.config.get(key) != first.config.get(key):
                 raise CheckpointError(
                     f"{ck.path} and {first.path} differ in their {key}: only checkpoints of one model "

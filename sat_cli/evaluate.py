@@ -9,6 +9,11 @@ from pathlib import Path
 from .errors import SatError
 
 
+def best_text(hyps, vocab) -> str:
+    """The best hypothesis of one image as text; empty when the model produced none (NaN scores)."""
+    return " ".join(vocab.decode(hyps[0].tokens)) if hyps else ""
+
+
 def decode_split(checkpoint, entries, settings, device: str = "auto", precision: str = "auto",
                  cache_dir: str | None = None, use_cache: bool = True, batch_size: int = 64,
                  workers: int | None = None, quiet: bool = False) -> dict[str, str]:
@@ -34,7 +39,7 @@ def decode_split(checkpoint, entries, settings, device: str = "auto", precision:
     def decode(batch_paths, feats):
         for path, hyps in zip(batch_paths, beam_search(decoder, feats, settings, start=vocab.start, end=vocab.end,
                                                        blocked=blocked, attention=False)):
-            out[path] = " ".join(vocab.decode(hyps[0].tokens)) if hyps else ""
+            out[path] = best_text(hyps, vocab)
 
     if use_cache:
         cache = FeatureCache(encoder, cache_dir)

@@ -608,6 +608,7 @@ class Trainer:
 
         from .beam import beam_search
         from .devices import autocast
+        from .evaluate import best_text
 
         self.decoder.eval()
         self.encoder.eval()
@@ -635,7 +636,7 @@ class Trainer:
             out = beam_search(self.decoder, feats, settings, start=self.vocab.start, end=self.vocab.end,
                               blocked=blocked, attention=False)
             for entry, h in zip(self.val_entries[i : i + bs], out):
-                hyps[entry.path] = " ".join(self.vocab.decode(h[0].tokens)) if h else ""
+                hyps[entry.path] = best_text(h, self.vocab)
         refs = {e.path: e.raw for e in self.val_entries}
         from .metrics import score_captions
 
