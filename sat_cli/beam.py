@@ -6,6 +6,12 @@ its live hypotheses are kept (``width`` starts at ``beam_size``); an expansion t
 <end> is set aside as finished and the image's width shrinks by one. An image is done when its
 width reaches zero; decoding stops when every image is done or after ``max_len`` words. An image
 with no finished hypothesis returns its best unfinished ones (``finished=False``).
+
+When fewer hypotheses are kept than the beam holds (``n_best`` < ``beam_size``) and the length
+penalty is 0, an image is also done as soon as its ``n_best`` best finished hypotheses all score
+above every live one: scores are summed log-probabilities, which only fall as words are added, so
+no live hypothesis could still enter the kept list. The result is the one the full search gives;
+only the steps that could not change it are skipped.
 """
 
 from __future__ import annotations
@@ -94,16 +100,19 @@ def _beam_search(torch, decoder, features, settings, start, end, blocked, attent
     dev = features.device
     neg_inf = float("-inf")
 
+    from .model import InferenceStep
+
+    # About a dozen words per caption: the expected hypothesis-steps decide whether a word table pays.
+    step = decoder.step if decoder.training else InferenceStep(decoder, expected_steps=B0 * K * min(L, 12))
     h, c, enc_proj = decoder.init_state(features)
     D = h.shape[-1]
-    h = h.unsqueeze(1).expand(B0, K, D).contiguous()  # (B, K, D)
-    c = c.unsqueeze(1).expand(B0, K, D).contiguous()
-    last = torch.full((B0, K), start, dtype=torch.long, device=dev)
-    scores = torch.full((B0, K), neg_inf, device=dev)  # summed log-probs; -inf marks an empty slot
-    scores[:, 0] = 0.0  # one live hypothesis per image at the start
+    # One hypothesis per image at the first step, then K slots: (B, K, ...) from the first topk on.
+    h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, D)
+    last = torch.full((B0, 1), start, dtype=torch.long, device=dev)
+    scores = torch.zeros(B0, 1, device=dev)  # summed log-probs; -inf marks an empty slot
     width = torch.full((B0,), K, dtype=torch.long, device=dev)
-    tokens = torch.zeros(B0, K, 0, dtype=torch.long, device=dev)  # (B, K, t)
-    alpha_hist = torch.zeros(B0, K, 0, P, device=dev)  # (B, K, t, P)
+    tokens = torch.zeros(B0, 1, 0, dtype=torch.long, device=dev)  # (B, K, t)
+    alpha_hist = torch.zeros(B0, 1, 0, P, device=dev)  # (B, K, t, P)
     rows = torch.arange(B0, device=dev)  # original image of each row still decoding
     ranks = torch.arange(K, device=dev)
 
@@ -113,17 +122,23 @@ def _beam_search(torch, decoder, features, settings, start, end, blocked, attent
     fin_alpha = torch.zeros(B0, K, L, P, device=dev) if attention else None
     fin_count = torch.zeros(B0, dtype=torch.long, device=dev)
     blocked_ids = torch.tensor(sorted(set(blocked)), dtype=torch.long, device=dev)
+    # Log-probabilities only fall as words are added, so with no length penalty a live hypothesis
+    # can never overtake a finished one that already scores better.
+    settle = settings.length_penalty == 0 and settings.keep < K
 
     for t in range(L):
-        logits, h_new, c_new, alpha = decoder.step(features, enc_proj, last, h, c)
+        logits, h_new, c_new, alpha = step(features, enc_proj, last, h, c)
         logp = logits.float().log_softmax(dim=-1)  # (B, K, V)
         if blocked_ids.numel():
             logp.index_fill_(2, blocked_ids, neg_inf)
         if settings.no_repeat_ngram:
             logp.masked_fill_(ngram_ban(tokens, settings.no_repeat_ngram, V), neg_inf)
-        B = logp.shape[0]
-        top_val, top_idx = (scores.unsqueeze(-1) + logp).view(B, K * V).topk(K, dim=1)  # sorted
-        parent, word = top_idx // V, top_idx % V  # (B, K)
+        B, slots = scores.shape
+        cand = (scores.unsqueeze(-1) + logp).view(B, slots * V)
+        if cand.shape[1] < K:  # a beam wider than the first step's vocabulary
+            cand = torch.nn.functional.pad(cand, (0, K - cand.shape[1]), value=neg_inf)
+        top_val, top_idx = cand.topk(K, dim=1)  # sorted
+        parent, word = (top_idx // V).clamp_max(slots - 1), top_idx % V  # (B, K)
         selected = (ranks < width.unsqueeze(1)) & torch.isfinite(top_val)
         ended = selected & (word == end)
         alive = selected & ~ended
@@ -140,7 +155,13 @@ def _beam_search(torch, decoder, features, settings, start, end, blocked, attent
         c = c_new.gather(1, parent.unsqueeze(-1).expand(B, K, D))
         last = word
         keep = (width - n_end > 0) & alive.any(dim=1)
-        any_end, any_done = torch.stack([n_end.any(), ~keep.all()]).tolist()  # one sync per step
+        if settle:  # an image whose n-best can no longer change is done (see the module docstring)
+            new_fin = torch.where(ended, top_val, torch.full_like(top_val, neg_inf))
+            kth = torch.cat([fin_logprob[rows], new_fin], dim=1).topk(settings.keep, dim=1).values[:, -1]
+            settled = kth > scores.max(dim=1).values
+            keep &= ~settled
+            scores.masked_fill_(settled.unsqueeze(1), neg_inf)
+        any_end, n_done = torch.stack([n_end.any().long(), (~keep).sum()]).tolist()  # one sync per step
 
         if any_end:  # set finished hypotheses aside, per image, in rank order
             pos = fin_count[rows].unsqueeze(1) + ended.long().cumsum(dim=1) - 1  # (B, K)
@@ -154,7 +175,10 @@ def _beam_search(torch, decoder, features, settings, start, end, blocked, attent
             fin_count[rows] += n_end
             width = width - n_end
 
-        if any_done:  # drop images that are done from the batch
+        # Drop images that are done from the batch once they are a quarter of it: each drop copies
+        # the batch's features, and a done image left in costs only its share of a step (its
+        # scores are all -inf, so it selects nothing).
+        if n_done and (n_done == B or 4 * n_done >= B):
             idx = keep.nonzero().squeeze(1)
             rows = rows[idx]
             if idx.numel() == 0:

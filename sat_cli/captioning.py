@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .beam import DecodeSettings, beam_search
-from .devices import autocast, resolve_device, resolve_precision
+from .devices import autocast, keep_freed_memory, resolve_device, resolve_precision
 from .errors import SatError
 from .images import ImageFiles, collate, discover
 from .progress import progress_bar
@@ -21,7 +21,7 @@ from .store import CaptionRecord, ImageRecord, Store, open_db
 
 @dataclass
 class CaptionOptions:
-    batch_size: int = 16
+    batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"  # of the encoder; the decoder runs in fp32
     workers: int | None = None  # DataLoader workers; None: one per spare core, 1 to 8
@@ -88,6 +88,7 @@ def caption_files(inputs: list[str], db_path: str, checkpoint, settings: DecodeS
 
     rank, world, local_rank = distributed_shard()
     device = resolve_device(options.device)
+    keep_freed_memory()
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
     precision = resolve_precision(device, options.precision)

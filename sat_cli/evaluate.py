@@ -23,11 +23,12 @@ def decode_split(checkpoint, entries, settings, device: str = "auto", precision:
     from torch.utils.data import DataLoader
 
     from .beam import beam_search
-    from .devices import autocast, resolve_device, resolve_precision
+    from .devices import autocast, keep_freed_memory, resolve_device, resolve_precision
     from .features import FeatureCache
     from .images import ImageFiles, collate
 
     dev = resolve_device(device)
+    keep_freed_memory()
     prec = resolve_precision(dev, precision)
     checkpoint.to(dev)
     vocab, decoder, encoder = checkpoint.vocab, checkpoint.decoder, checkpoint.encoder

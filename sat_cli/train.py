@@ -242,7 +242,7 @@ class Trainer:
         import torch
 
         from .datasets import load_captions
-        from .devices import resolve_device, resolve_precision
+        from .devices import keep_freed_memory, resolve_device, resolve_precision
         from .encoders import EncoderOptions, create_encoder
         from .features import FeatureCache
         from .model import Decoder, DecoderConfig
@@ -250,6 +250,7 @@ class Trainer:
 
         cfg, dist = self.cfg, self.dist
         device = resolve_device(cfg.device)
+        keep_freed_memory()
         if dist.world > 1 and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
             torch.cuda.set_device(device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sat_cli.beam import DecodeSettings, beam_search
-from sat_cli.model import Decoder, DecoderConfig
+from sat_cli.model import Decoder, DecoderConfig, InferenceStep
 
 START, END = 1, 2
 BLOCKED = (0, 1, 3)  # <pad>, <start>, <unk>
@@ -211,3 +211,87 @@ def test_settings_validation_and_key():
         DecodeSettings(beam_size=0)
     assert DecodeSettings(beam_size=3).key() == DecodeSettings(beam_size=3, n_best=3).key()
     assert DecodeSettings(beam_size=3).key() != DecodeSettings(beam_size=3, length_penalty=0.5).key()
+
+
+@pytest.mark.parametrize("expected_steps", [0, 10**6])  # embedding product at every step, or a word table
+@pytest.mark.parametrize("slice_floats", [1 << 19, 500])  # one energy slice, or many of one position
+def test_inference_step_matches_decoder_step(monkeypatch, slice_floats, expected_steps):
+    monkeypatch.setattr(InferenceStep, "SLICE_FLOATS", slice_floats)
+    dec = make_decoder(end_bias=1.0)
+    feats = make_features(4)
+    h0, c0, proj = dec.init_state(feats)
+    g = torch.Generator().manual_seed(2)
+    h = h0.unsqueeze(1) + 0.1 * torch.randn(4, 3, 32, generator=g)  # three different hypotheses per image
+    c = c0.unsqueeze(1) + 0.1 * torch.randn(4, 3, 32, generator=g)
+    tokens = torch.randint(0, 20, (4, 3), generator=g)
+    with torch.inference_mode():
+        expected = dec.step(feats, proj, tokens, h, c)
+        step = InferenceStep(dec, expected_steps=expected_steps)
+        assert step.table == (expected_steps > 20)
+        got = step(feats, proj, tokens, h, c)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_follows_weights_updated_in_place():
+    """Fused Adam changes weights without bumping their version counters: nothing may go stale."""
+    import copy
+
+    dec = make_decoder(end_bias=1.0)
+    feats = make_features(64)  # enough images for the word table
+    settings = DecodeSettings(beam_size=3, max_len=10)
+    before = beam_search(dec, feats, settings, start=START, end=END, blocked=BLOCKED)
+    opt = torch.optim.Adam(dec.parameters(), lr=0.05, fused=True)
+    dec.train()
+    logits, _ = dec(feats[:8], torch.randint(4, 20, (8, 6)))
+    logits.logsumexp(-1).sum().backward()
+    opt.step()
+    dec.eval()
+    after = beam_search(dec, feats, settings, start=START, end=END, blocked=BLOCKED)
+    fresh = beam_search(copy.deepcopy(dec), feats, settings, start=START, end=END, blocked=BLOCKED)
+    assert [h.tokens for hs in after for h in hs] == [h.tokens for hs in fresh for h in hs]
+    assert [h.tokens for hs in after for h in hs] != [h.tokens for hs in before for h in hs]
+
+
+def count_steps(monkeypatch):
+    calls = []
+    original = InferenceStep.__call__
+    monkeypatch.setattr(InferenceStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    return calls
+
+
+def test_images_settled_early_keep_the_full_search_result(monkeypatch):
+    """With no length penalty, an image stops once its kept hypotheses beat every live one."""
+    dec = make_decoder(end_bias=1.0)
+    feats = make_features(8)
+    calls = count_steps(monkeypatch)
+    full = beam_search(dec, feats, DecodeSettings(beam_size=4, max_len=15), start=START, end=END, blocked=BLOCKED)
+    full_steps = len(calls)
+    for keep in (1, 2):
+        calls.clear()
+        out = beam_search(dec, feats, DecodeSettings(beam_size=4, n_best=keep, max_len=15), start=START, end=END,
+                          blocked=BLOCKED)
+        assert len(calls) < full_steps  # fewer steps...
+        for short, long in zip(out, full):  # ...same kept hypotheses, same scores and maps
+            assert [h.tokens for h in short] == [h.tokens for h in long[:keep]]
+            np.testing.assert_allclose([h.logprob for h in short], [h.logprob for h in long[:keep]], atol=1e-5)
+            for a, b in zip(short, long):
+                np.testing.assert_allclose(a.alphas, b.alphas, atol=1e-6)
+    calls.clear()  # a length penalty lets longer hypotheses overtake: no early stop
+    beam_search(dec, feats, DecodeSettings(beam_size=4, n_best=1, max_len=15, length_penalty=0.7), start=START,
+                end=END, blocked=BLOCKED)
+    lp_steps = len(calls)
+    calls.clear()
+    beam_search(dec, feats, DecodeSettings(beam_size=4, max_len=15, length_penalty=0.7), start=START, end=END,
+                blocked=BLOCKED)
+    assert lp_steps == len(calls)
+
+
+def test_keep_freed_memory_applies_on_linux_with_glibc():
+    import platform
+    import sys
+
+    from sat_cli.devices import keep_freed_memory
+
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected

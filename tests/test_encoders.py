@@ -65,6 +65,20 @@ def test_timm_cnn_gives_last_feature_map_and_optional_grid_pooling():
     assert pooled(x).shape == (2, 4, enc.out_dim)
 
 
+def test_large_cpu_batches_run_in_chunks_with_the_same_features():
+    enc = create_encoder("timm:test_efficientnet", EncoderOptions(pretrained=False, image_size=64)).eval()
+    x = torch.randint(0, 256, (enc.CPU_CHUNK * 2 + 3, 3, 64, 64), dtype=torch.uint8)
+    sizes, feature_map = [], enc.feature_map
+    enc.feature_map = lambda images: sizes.append(len(images)) or feature_map(images)
+    with torch.no_grad():
+        chunked = enc(x)
+    assert sizes == [enc.CPU_CHUNK, enc.CPU_CHUNK, 3]
+    sizes.clear()
+    whole = enc(x)  # with gradients (training): one pass
+    assert sizes == [len(x)]
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-5, rtol=1e-4)
+
+
 def test_timm_channels_last_models_come_out_in_the_same_layout():
     enc = create_encoder("timm:test_mambaout", OFF)
     out = enc(torch.zeros(1, 3, *enc.preprocess.size, dtype=torch.uint8))
