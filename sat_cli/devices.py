@@ -38,12 +38,13 @@ def keep_freed_memory() -> bool:
     in anew each time: with the defaults a third of CPU beam-search time, and half of a 384-px
     Lite0 forward at batch 16, went to the kernel (measured on a 2-core Xeon). With mmap off and
     a 1 GB trim threshold, freed blocks stay in the heap and are reused. Linux with glibc only;
-    True when applied.
+    True when applied. SAT_SYSTEM_MALLOC=1 in the environment leaves malloc as it is.
     """
     import ctypes
+    import os
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("SAT_SYSTEM_MALLOC", "") not in ("", "0"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -214,7 +214,7 @@ def test_settings_validation_and_key():
 
 
 @pytest.mark.parametrize("expected_steps", [0, 10**6])  # embedding product at every step, or a word table
-@pytest.mark.parametrize("slice_floats", [1 << 19, 500])  # one energy slice, or many of one position
+@pytest.mark.parametrize("slice_floats", [1 << 19, 500, 0])  # one energy slice, many, or unsliced (GPU path)
 def test_inference_step_matches_decoder_step(monkeypatch, slice_floats, expected_steps):
     monkeypatch.setattr(InferenceStep, "SLICE_FLOATS", slice_floats)
     dec = make_decoder(end_bias=1.0)
@@ -287,7 +287,8 @@ def test_images_settled_early_keep_the_full_search_result(monkeypatch):
     assert lp_steps == len(calls)
 
 
-def test_keep_freed_memory_applies_on_linux_with_glibc():
+def test_keep_freed_memory_applies_on_linux_with_glibc(monkeypatch):
+    monkeypatch.delenv("SAT_SYSTEM_MALLOC", raising=False)
     import platform
     import sys
 
@@ -295,3 +296,10 @@ def test_keep_freed_memory_applies_on_linux_with_glibc():
 
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
+
+
+def test_system_malloc_can_be_kept(monkeypatch):
+    from sat_cli.devices import keep_freed_memory
+
+    monkeypatch.setenv("SAT_SYSTEM_MALLOC", "1")
+    assert keep_freed_memory() is False
