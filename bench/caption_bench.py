@@ -187,6 +187,7 @@ def encoder_only(ck, paths, batch=64) -> float:
 def part_e2e(model: str, label: str, big: int = 300, small: int = 60, per_image_n: int = 40,
              encoder_weights: str | None = None):
     ck = load_checkpoint(model, encoder_weights=encoder_weights)
+    ck.encoder.fold_batch_norm()  # as `sat caption` does: the per-image pipeline gets the same encoder
     extra = ("--encoder-weights", encoder_weights) if encoder_weights else ()
     print(f"\n== end to end, {label}: `sat caption` on {big} real photos, beam 3 ==")
     paths = photos(big)
@@ -279,7 +280,7 @@ def main():
         part_e2e(args.model, load_checkpoint(args.model).encoder_spec)
     if args.only in (None, "resnet"):
         model, weights = resnet_model()
-        part_e2e(model, "torchvision:resnet101 14x14 (random weights, calibrated batch norm)", big=120, small=30,
+        part_e2e(model, "torchvision:resnet101 14x14 (random weights, calibrated batch norm)", big=200, small=50,
                  per_image_n=15, encoder_weights=weights)
     if args.only in (None, "rss"):
         part_rss(args.model)

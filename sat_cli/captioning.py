@@ -93,6 +93,7 @@ def caption_files(inputs: list[str], db_path: str, checkpoint, settings: DecodeS
         device = torch.device("cuda", local_rank)
     precision = resolve_precision(device, options.precision)
     checkpoint.to(device)
+    checkpoint.encoder.fold_batch_norm()  # inference only from here on
     db = open_db(db_path)
     store = Store(db)
     fingerprint, key = checkpoint.fingerprint, settings.key()

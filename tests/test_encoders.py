@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import EXAMPLES, build_tiny_model
-from sat_cli.encoders import EncoderFamily, EncoderOptions, create_encoder, families, parse_spec
+from sat_cli.encoders import EncoderFamily, EncoderOptions, Preprocess, create_encoder, families, parse_spec
 from sat_cli.errors import EncoderError, WeightsError
 from sat_cli.hookspecs import hookimpl
 from sat_cli.plugins import pm
@@ -77,6 +77,63 @@ def test_large_cpu_batches_run_in_chunks_with_the_same_features():
     whole = enc(x)  # with gradients (training): one pass
     assert sizes == [len(x)]
     torch.testing.assert_close(chunked, whole.detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["timm:test_efficientnet", "torchvision:resnet50"])
+def test_fold_batch_norm_keeps_the_features(spec):
+    enc = create_encoder(spec, EncoderOptions(pretrained=False, image_size=64)).eval()
+    with torch.no_grad():  # give the norms non-trivial statistics, as trained ones have
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        before = enc(x)
+    folded = enc.fold_batch_norm()
+    assert folded > 0 and sum(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules()) == norms - folded
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+    assert enc.fold_batch_norm() == 0  # nothing left to fold
+    with pytest.raises(RuntimeError, match="inference"):
+        enc.train().fold_batch_norm()
+
+
+def test_fold_batch_norm_leaves_a_norm_that_does_not_follow_its_convolution():
+    from torch import nn
+
+    from sat_cli.backbone import Encoder
+
+    class NormFirst(nn.Module):  # conv registered before the norm, but the norm runs first
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.norm = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.norm(x))
+
+    class Enc(Encoder):
+        def __init__(self):
+            super().__init__("test:normfirst", Preprocess(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3), out_dim=3)
+            self.backbone = NormFirst()
+
+        def feature_map(self, x):
+            return self.backbone(x)
+
+    enc = Enc().eval()
+    with torch.no_grad():
+        enc.backbone.norm.running_mean.fill_(0.3)
+        enc.backbone.norm.running_var.fill_(2.0)
+        x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+        before = enc(x)
+    assert enc.fold_batch_norm() == 0
+    assert isinstance(enc.backbone.norm, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), before)
 
 
 def test_timm_channels_last_models_come_out_in_the_same_layout():
