@@ -178,7 +178,7 @@ def _beam_search(torch, decoder, features, settings, start, end, blocked, attent
         # Drop images that are done from the batch once they are a quarter of it: each drop copies
         # the batch's features, and a done image left in costs only its share of a step (its
         # scores are all -inf, so it selects nothing).
-        if n_done and (n_done == B or 4 * n_done >= B):
+        if n_done and 4 * n_done >= B:
             idx = keep.nonzero().squeeze(1)
             rows = rows[idx]
             if idx.numel() == 0:
