@@ -48,37 +48,41 @@ class Encoder(nn.Module):
         registered right after it in the same module); a probe image checks the result, and if the
         features moved by more than rounding the encoder is restored unchanged. Returns the number
         of folded pairs. Afterwards the encoder cannot be trained or saved as its architecture."""
-        import copy
-
         if self.training:
             raise RuntimeError("fold_batch_norm() is for inference: call eval() first")
-        backbone = copy.deepcopy(self.backbone)
+        pairs = []  # (parent, name of the norm, conv, norm)
+        for parent in self.backbone.modules():
+            children = list(parent.named_children())
+            for (_, conv), (name, norm) in zip(children, children[1:]):
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) \
+                        and norm.track_running_stats and norm.num_features == conv.out_channels:
+                    pairs.append((parent, name, conv, norm))
+        if not pairs:
+            return 0
         p = next(self.parameters())
         probe = torch.randint(0, 256, (1, 3, *self.preprocess.size), dtype=torch.uint8,
                               generator=torch.Generator().manual_seed(0)).to(p.device)
         with torch.no_grad():
             before = self.encode(probe)
-            folded = 0
-            for parent in list(self.backbone.modules()):
-                children = list(parent.named_children())
-                for (_, conv), (name, norm) in zip(children, children[1:]):
-                    if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) \
-                            and norm.track_running_stats and norm.num_features == conv.out_channels:
-                        scale = (norm.weight if norm.affine else 1.0) / torch.sqrt(norm.running_var + norm.eps)
-                        bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
-                        shift = norm.bias if norm.affine else 0.0
-                        conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-                        conv.bias = nn.Parameter(shift + (bias - norm.running_mean) * scale, requires_grad=False)
-                        rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
-                        setattr(parent, name, nn.Sequential(*rest) if rest else nn.Identity())
-                        folded += 1
-            if folded:
-                after = self.encode(probe)
-                if not torch.allclose(after, before, rtol=1e-3, atol=1e-3 * float(before.abs().max()) + 1e-6):
-                    self.backbone, folded = backbone, 0
-        if folded and self.input_channels_last:
+            saved = [(conv.weight.detach().clone(), conv.bias) for _, _, conv, _ in pairs]
+            for parent, name, conv, norm in pairs:
+                scale = (norm.weight if norm.affine else 1.0) / torch.sqrt(norm.running_var + norm.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+                shift = norm.bias if norm.affine else 0.0
+                conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(shift + (bias - norm.running_mean) * scale, requires_grad=False)
+                rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
+                setattr(parent, name, nn.Sequential(*rest) if rest else nn.Identity())
+            after = self.encode(probe)
+            if not torch.allclose(after, before, rtol=1e-3, atol=1e-3 * float(before.abs().max()) + 1e-6):
+                for (parent, name, conv, norm), (weight, bias) in zip(pairs, saved):  # undo, in place
+                    conv.weight.copy_(weight)
+                    conv.bias = bias
+                    setattr(parent, name, norm)
+                return 0
+        if self.input_channels_last:
             self.to(memory_format=torch.channels_last)
-        return folded
+        return len(pairs)
 
     def set_preprocess(self, preprocess: Preprocess):
         """Use a checkpoint's recorded preprocessing (size, mean, std)."""
