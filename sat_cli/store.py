@@ -19,6 +19,20 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def migration_lock(path: Path):
+    """A lock that makes processes on this machine take turns migrating one database (torchrun
+    ranks creating a new database at the same moment would otherwise both create its tables).
+    It lives in the temporary folder, keyed by the database's real path, not beside the database;
+    SQLite's WAL mode needs every writer on one machine anyway."""
+    import hashlib
+    import tempfile
+
+    from filelock import FileLock
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"sat-db-{key}.lock"), timeout=120)
+
+
 def open_db(path: str | Path, must_exist: bool = False):
     """Open (or create) a sat database: WAL journal, foreign keys, migrations applied."""
     import sqlite3
@@ -48,7 +62,8 @@ def open_db(path: str | Path, must_exist: bool = False):
             if db.journal_mode != "wal":
                 db.enable_wal()
             db.execute("PRAGMA foreign_keys = ON")
-            apply_migrations(db)
+            with migration_lock(p):
+                apply_migrations(db)
             break
         except sqlite3.OperationalError as exc:
             if db is not None:
