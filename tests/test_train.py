@@ -264,7 +264,7 @@ def test_stop_and_resume_continue_exactly(small_set, tmp_path, monkeypatch):
 def test_two_processes_with_torchrun_end_identical(small_set, tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "ddp"
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "sat_cli", "train",
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "sat_cli", "train",  # a free port
            "--data", str(small_set[0]), "--images", str(small_set[1]), "--out", str(out), "--embed-dim", "32",
            "--attention-dim", "32", "--decoder-dim", "48", "--epochs", "2", "--batch-size", "4",
            "--min-word-freq", "1", "--no-meteor", "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "-q",
