@@ -181,6 +181,9 @@ def caption_files(inputs: list[str], db_path: str, checkpoint, settings: DecodeS
             raise
         finally:
             summary.seconds = time.perf_counter() - started
+            # What is stored, not what was counted: a signal can land between a batch's commit
+            # and the count that follows it.
+            summary.captioned = store.results_of_run(run_id)
             if status == "done" and summary.failed:
                 status = "done_with_errors"
             store.finish_run(run_id, status, summary.captioned, summary.skipped, summary.failed)

@@ -145,6 +145,9 @@ class Store:
                 {"finished_at": now(), "status": status, "captioned": captioned, "skipped": skipped, "failed": failed},
             )
 
+    def results_of_run(self, run_id: int) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM results WHERE run_id = ?", [run_id]).fetchone()[0]
+
     def done_hashes(self, fingerprint: str, settings_key: str) -> frozenset[str]:
         rows = self.db.execute(
             "SELECT sha256 FROM results WHERE model_fingerprint = ? AND settings_key = ?", [fingerprint, settings_key]

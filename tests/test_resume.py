@@ -110,3 +110,28 @@ def test_processes_creating_one_database_at_once_all_succeed(tmp_path):
         assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
         db = sqlite_utils.Database(db_path)
         assert db.journal_mode == "wal" and {"runs", "images", "results", "captions"} <= set(db.table_names())
+
+
+def test_an_interrupt_just_after_a_commit_is_still_counted(many_photos, tmp_path, tiny_model, monkeypatch):
+    """A signal can land between a batch's commit and the count after it: the run row must agree
+    with what is stored."""
+    from sat_cli.beam import DecodeSettings
+    from sat_cli.captioning import CaptionOptions, caption_files
+    from sat_cli.checkpoint import load_checkpoint
+    from sat_cli.store import Store
+
+    write_batch, written = Store.write_batch, []
+
+    def write_then_interrupt(self, *args, **kwargs):
+        write_batch(self, *args, **kwargs)
+        written.append(1)
+        if len(written) == 3:
+            raise KeyboardInterrupt  # after the commit, before sat counts the batch
+
+    monkeypatch.setattr(Store, "write_batch", write_then_interrupt)
+    db_path = tmp_path / "i.db"
+    summary = caption_files([str(many_photos)], str(db_path), load_checkpoint(tiny_model), DecodeSettings(),
+                            CaptionOptions(batch_size=4, workers=0, quiet=True))
+    db = sqlite_utils.Database(db_path)
+    assert summary.interrupted and db["results"].count == 12
+    assert summary.captioned == db["runs"].get(1)["captioned"] == 12
