@@ -80,9 +80,7 @@ class Encoder(nn.Module):
                     conv.bias = bias
                     setattr(parent, name, norm)
                 return 0
-        if self.input_channels_last:
-            self.to(memory_format=torch.channels_last)
-        return len(pairs)
+        return len(pairs)  # weights were updated in place: a channels-last layout stays
 
     def set_preprocess(self, preprocess: Preprocess):
         """Use a checkpoint's recorded preprocessing (size, mean, std)."""

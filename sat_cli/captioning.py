@@ -167,7 +167,6 @@ def caption_files(inputs: list[str], db_path: str, checkpoint, settings: DecodeS
                             continue
                         rec.captions = hypotheses_to_records(image_hyps, vocab, grid, options.attention)
                 store.write_batch(run_id, records, fingerprint, key)
-                summary.captioned += sum(1 for rec, _ in fresh if rec.captions)
                 if on_image:
                     for rec in records:
                         on_image(rec)
