@@ -186,8 +186,8 @@ def encoder_only(ck, paths, batch=64) -> float:
 
 def part_e2e(model: str, label: str, big: int = 300, small: int = 60, per_image_n: int = 40,
              encoder_weights: str | None = None):
-    ck = load_checkpoint(model, encoder_weights=encoder_weights)
-    ck.encoder.fold_batch_norm()  # as `sat caption` does: the per-image pipeline gets the same encoder
+    # as `sat caption` prepares it: the per-image pipeline and the encoder-only work get the same encoder
+    ck = load_checkpoint(model, encoder_weights=encoder_weights).for_inference(torch.device("cpu"))
     extra = ("--encoder-weights", encoder_weights) if encoder_weights else ()
     print(f"\n== end to end, {label}: `sat caption` on {big} real photos, beam 3 ==")
     paths = photos(big)

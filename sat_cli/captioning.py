@@ -92,8 +92,7 @@ def caption_files(inputs: list[str], db_path: str, checkpoint, settings: DecodeS
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
     precision = resolve_precision(device, options.precision)
-    checkpoint.to(device)
-    checkpoint.encoder.fold_batch_norm()  # inference only from here on
+    checkpoint.for_inference(device)
     db = open_db(db_path)
     store = Store(db)
     fingerprint, key = checkpoint.fingerprint, settings.key()

@@ -106,6 +106,13 @@ class Checkpoint:
         self.device = device
         return self
 
+    def for_inference(self, device):
+        """Move to ``device`` and make the encoder inference-only (batch norms folded into their
+        convolutions): what `sat caption` and `sat eval` run. Not for training or saving."""
+        self.to(device)
+        self.encoder.fold_batch_norm()
+        return self
+
 
 def load_checkpoint(path: str | Path | None = None, encoder_weights: str | None = None) -> Checkpoint:
     """Load a checkpoint folder (default: the model shipped with sat) on the CPU."""

@@ -30,8 +30,7 @@ def decode_split(checkpoint, entries, settings, device: str = "auto", precision:
     dev = resolve_device(device)
     keep_freed_memory()
     prec = resolve_precision(dev, precision)
-    checkpoint.to(dev)
-    checkpoint.encoder.fold_batch_norm()  # inference only from here on
+    checkpoint.for_inference(dev)
     vocab, decoder, encoder = checkpoint.vocab, checkpoint.decoder, checkpoint.encoder
     blocked = (vocab.pad, vocab.start, vocab.unk)
     paths = [e.path for e in entries]
