@@ -48,7 +48,7 @@ def step(t, idx, feats):
     order = lengths.argsort(descending=True, stable=True)
     idx, lengths, feats = idx[order], lengths[order], feats[order]
     caps = t.caps[idx, : int(lengths.max())]
-    logits, alphas = t.decoder(feats, caps, lengths.tolist())
+    logits, alphas, _ = t.decoder(feats, caps, lengths.tolist())
     loss, _ = caption_loss(logits, alphas, caps, lengths, 1.0, 0.0, t.vocab.pad)
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -11,7 +11,7 @@ import torch
 
 from sat_cli.backbone import Encoder, load_into, load_weights_file
 from sat_cli.encoders import EncoderFamily, EncoderOptions, Preprocess, offline_weights, unknown_name_error
-from sat_cli.errors import WeightsError
+from sat_cli.errors import EncoderError, WeightsError
 from sat_cli.hookspecs import hookimpl
 
 
@@ -30,6 +30,7 @@ FAMILY = EncoderFamily(
     ),
     examples=("timm:tf_efficientnet_lite0", "timm:efficientnet_b3", "timm:convnext_tiny"),
     list_names=_list_names,
+    stage_layers=True,
 )
 
 
@@ -39,14 +40,49 @@ def register_encoders(register):
 
 
 class TimmCNNEncoder(Encoder):
-    def __init__(self, spec, preprocess, out_dim, grid, model, channels_last: bool):
+    def __init__(self, spec, preprocess, out_dim, grid, model, channels_last: bool, layers=None):
         super().__init__(spec, preprocess, out_dim, grid)
         self.backbone = model
         self.channels_last = channels_last  # some timm models return (B, h, w, C)
+        self.layers = None if layers in (None, (-1,)) else tuple(layers)
 
     def feature_map(self, x):
-        fmap = self.backbone.forward_features(x)
-        return fmap.permute(0, 3, 1, 2) if self.channels_last else fmap  # (B, C, h, w)
+        if self.layers is None:
+            fmap = self.backbone.forward_features(x)
+            return fmap.permute(0, 3, 1, 2) if self.channels_last else fmap  # (B, C, h, w)
+        return stage_maps(self.backbone, x, self.layers)
+
+
+def stage_maps(model, x, layers: tuple[int, ...]):
+    """The maps of ``layers`` (stage indices, -1 for the last map) pooled to the coarsest of
+    them and concatenated: (B, sum of channels, h, w)."""
+    import torch.nn.functional as F
+
+    stages = sorted({i for i in layers if i >= 0})
+    last = -1 in layers
+    out = model.forward_intermediates(x, indices=stages, intermediates_only=not last, stop_early=not last)
+    final, inter = out if last else (None, out)
+    by_index = dict(zip(stages, inter))
+    maps = [final if i == -1 else by_index[i] for i in layers]
+    h = min(m.shape[-2] for m in maps)
+    w = min(m.shape[-1] for m in maps)
+    return torch.cat([m if m.shape[-2:] == (h, w) else F.adaptive_avg_pool2d(m, (h, w)) for m in maps], dim=1)
+
+
+def check_layers(model, name: str, layers) -> tuple[int, ...] | None:
+    """Validate --feature-layers against the model's stages; None when it is the default."""
+    if layers in (None, (-1,), [-1]):
+        return None
+    n = len(getattr(model, "feature_info", []) or [])
+    if not hasattr(model, "forward_intermediates") or not n:
+        raise EncoderError(f"timm:{name} does not expose its stages: --feature-layers needs a timm CNN "
+                           "with forward_intermediates")
+    bad = [i for i in layers if not (i == -1 or 0 <= i < n)]
+    if bad or len(set(layers)) != len(layers) or not layers:
+        raise EncoderError(f"--feature-layers {','.join(map(str, layers))}: timm:{name} has stages 0..{n - 1} "
+                           "(0 = stride 2, each next one half the resolution) and -1, the last feature map; "
+                           "each at most once")
+    return tuple(layers)
 
 
 def create_model(prefix: str, name: str, options: EncoderOptions, family: EncoderFamily = FAMILY):
@@ -109,8 +145,11 @@ def build(name: str, options: EncoderOptions) -> Encoder:
         return wrap_vit(f"timm:{name}", model, options)
     preprocess = preprocess_for(model, options)
     model.reset_classifier(0)
-    with torch.no_grad():  # one small forward tells the layout of the feature map
-        out = model.forward_features(torch.zeros(1, 3, *preprocess.size))
-    channels_last = out.shape[1] != model.num_features and out.shape[-1] == model.num_features
-    encoder = TimmCNNEncoder(f"timm:{name}", preprocess, model.num_features, options.grid, model, channels_last)
+    layers = check_layers(model, name, options.layers)
+    with torch.no_grad():  # one small forward tells the layout (and channels) of the feature map
+        probe = torch.zeros(1, 3, *preprocess.size)
+        out = model.forward_features(probe) if layers is None else stage_maps(model, probe, layers)
+    channels_last = layers is None and out.shape[1] != model.num_features and out.shape[-1] == model.num_features
+    out_dim = model.num_features if layers is None else out.shape[1]
+    encoder = TimmCNNEncoder(f"timm:{name}", preprocess, out_dim, options.grid, model, channels_last, layers)
     return encoder.use_channels_last().eval()

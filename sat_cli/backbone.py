@@ -28,6 +28,7 @@ class Encoder(nn.Module):
         self.preprocess = preprocess
         self.out_dim = out_dim  # C
         self.grid = grid
+        self.layers: tuple[int, ...] | None = None  # stages that form the grid (None: the last map)
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
         self._grid_shape: tuple[int, int] | None = None

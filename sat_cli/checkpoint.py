@@ -145,6 +145,7 @@ def load_checkpoint(path: str | Path | None = None, encoder_weights: str | None 
         image_size=enc.get("image_size"),
         pretrained=not in_checkpoint and encoder_weights is None,
         weights=encoder_weights if not in_checkpoint else None,
+        layers=tuple(enc["layers"]) if enc.get("layers") else None,
     )
     try:
         encoder = create_encoder(enc["spec"], options)
@@ -194,6 +195,7 @@ def save_checkpoint(path: str | Path, encoder, decoder, vocab, *, include_encode
             "image_size": encoder.preprocess.size[0],
             "weights": "checkpoint" if include_encoder else "pretrained",
             "out_dim": encoder.out_dim,
+            **({"layers": list(encoder.layers)} if getattr(encoder, "layers", None) else {}),
         },
         "preprocess": encoder.preprocess.to_dict(),
         "decoder": decoder.config.to_dict(),

@@ -62,6 +62,16 @@ def _decode_settings(checkpoint, beam, n_best, max_len, length_penalty, no_repea
         raise click.BadParameter(str(exc)) from exc
 
 
+def _int_list(value, param):
+    """'4,-1' -> [4, -1] (None stays None)."""
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 4,-1, not {value!r}", param=param) from None
+
+
 def decode_options(fn):
     """--beam, --n-best, --max-len, --length-penalty, --no-repeat-ngram (shared by caption and eval)."""
     options = [
@@ -344,6 +354,10 @@ def encoders(as_json):
 @click.option("--grid", type=click.IntRange(0), help="Pool the feature map to GRID x GRID (0: native map).")
 @click.option("--image-size", type=click.IntRange(32), help="Encoder input size (default: the weights' own).")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), help="Local encoder weights file.")
+@click.option("--feature-layers", callback=lambda ctx, param, value: _int_list(value, param),
+              help="timm CNNs: encoder stages that form the grid, comma-separated: 0 (stride 2) .. 4 (stride 32) "
+                   "and -1, the last feature map (default); several are pooled to the coarsest and concatenated, "
+                   "e.g. 4,-1.")
 @click.option("--embed-dim", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--attention-dim", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--decoder-dim", default=512, show_default=True, type=click.IntRange(1))
@@ -357,6 +371,15 @@ def encoders(as_json):
 @click.option("--encoder-lr", default=1e-4, show_default=True, type=float)
 @click.option("--attention-lambda", default=1.0, show_default=True, type=float,
               help="Weight of the doubly stochastic attention regularizer.")
+@click.option("--attention", default="soft", show_default=True, type=click.Choice(["soft", "hard"]),
+              help="soft: the context is the attention-weighted mean of the grid; hard: half of the captions "
+                   "read one sampled cell per word, trained with REINFORCE (Xu et al. 2015).")
+@click.option("--hard-reinforce", default=1.0, show_default=True, type=float,
+              help="Hard attention: weight of the REINFORCE term (lambda_r).")
+@click.option("--hard-entropy", default=0.001, show_default=True, type=float,
+              help="Hard attention: weight of the entropy bonus on the attention (lambda_e).")
+@click.option("--hard-inference", default="expected", show_default=True, type=click.Choice(["expected", "argmax"]),
+              help="Hard attention at inference: the expected context or the single most likely cell.")
 @click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--grad-clip", default=5.0, show_default=True, type=float)
 @click.option("--min-word-freq", default=5, show_default=True, type=click.IntRange(1))

@@ -42,6 +42,10 @@ class EncoderOptions:
     image_size: int | None = None  # input size override (square); None: the weights' own size
     pretrained: bool = True  # load ImageNet weights (offline source first, then download)
     weights: str | None = None  # a local weights file (.safetensors or a .pth state dict)
+    # Which feature maps form the grid: None or (-1,) the last one; otherwise indices into the
+    # backbone's stages (timm ``feature_info``: 0 = stride 2 ... 4 = stride 32) and -1 for the
+    # last map, pooled to the coarsest of them and concatenated along channels (timm CNNs only).
+    layers: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -54,6 +58,7 @@ class EncoderFamily:
     examples: tuple[str, ...] = ()
     list_names: Callable[[], list[str]] | None = None  # known model names, for error messages
     plugin: str = ""
+    stage_layers: bool = False  # builds grids from earlier stages (EncoderOptions.layers)
 
 
 def families() -> dict[str, EncoderFamily]:
@@ -132,4 +137,8 @@ def create_encoder(spec: str, options: EncoderOptions | None = None):
     >>> create_encoder("vit:vit_small_patch16_224", EncoderOptions(pretrained=False))
     """
     prefix, name = parse_spec(spec)
-    return families()[prefix].build(name, options or EncoderOptions())
+    family, options = families()[prefix], options or EncoderOptions()
+    if options.layers not in (None, (-1,)) and not family.stage_layers:
+        raise EncoderError(f"{prefix}: encoders build their grid from the last feature map only; "
+                           "--feature-layers works with timm CNNs (timm:...)")
+    return family.build(name, options)

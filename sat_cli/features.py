@@ -20,8 +20,10 @@ def default_cache_dir() -> Path:
 def encoder_key(encoder) -> str:
     """Digest of everything that changes an encoder's output: spec, grid, preprocessing, weights."""
     h = hashlib.sha256()
-    h.update(json.dumps({"spec": encoder.spec, "grid": encoder.grid, "pre": encoder.preprocess.to_dict()},
-                        sort_keys=True).encode())
+    described = {"spec": encoder.spec, "grid": encoder.grid, "pre": encoder.preprocess.to_dict()}
+    if getattr(encoder, "layers", None):  # absent for the last map, so older caches keep their keys
+        described["layers"] = list(encoder.layers)
+    h.update(json.dumps(described, sort_keys=True).encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -17,6 +17,23 @@ class DecoderConfig:
     attention_dim: int = 512  # size of the attention MLP
     decoder_dim: int = 512  # LSTM hidden size
     dropout: float = 0.5  # before the output layer
+    # soft: the context is the alpha-weighted mean of the grid (deterministic attention);
+    # hard: trained with a sampled location (Xu et al. 2015, section 4.1). Both store alpha as the maps.
+    attention: str = "soft"
+    # Hard-attention models at inference: "expected" (the alpha-weighted mean, as soft attention
+    # and as half of the hard model's training steps) or "argmax" (the single most likely cell).
+    hard_inference: str = "expected"
+
+    def __post_init__(self):
+        if self.attention not in ("soft", "hard"):
+            raise ValueError(f"attention must be soft or hard, not {self.attention!r}")
+        if self.hard_inference not in ("expected", "argmax"):
+            raise ValueError(f"hard_inference must be expected or argmax, not {self.hard_inference!r}")
+
+    @property
+    def argmax_context(self) -> bool:
+        """True when inference reads the single most likely cell instead of the expected context."""
+        return self.attention == "hard" and self.hard_inference == "argmax"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -25,6 +42,12 @@ class DecoderConfig:
     def from_dict(cls, data: dict) -> "DecoderConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def pick_cells(features, index):
+    """features (B, P, C), index (B, K) grid cells -> (B, K, C): each hypothesis's chosen cell."""
+    B, K = index.shape
+    return features.gather(1, index.unsqueeze(-1).expand(B, K, features.shape[-1]))
 
 
 class Attention(nn.Module):
@@ -67,18 +90,29 @@ class Decoder(nn.Module):
         mean = features.mean(dim=1)
         return self.init_h(mean), self.init_c(mean), self.attention.project(features)
 
-    def advance(self, features, enc_proj, emb, h, c):
+    def advance(self, features, enc_proj, emb, h, c, sample=None):
         """The recurrence without the output layer.
 
         features (B, P, C), enc_proj (B, P, A), emb (B, K, E) embedded previous words,
-        h and c (B, K, D) -> h, c (B, K, D), alpha (B, K, P)
+        h and c (B, K, D) -> h, c (B, K, D), alpha (B, K, P), and the log-probability (B, K)
+        of the sampled locations (None unless ``sample``).
+
+        ``sample`` (B,) bool, hard-attention training: those rows read one grid cell drawn from
+        alpha instead of the expected context (the others keep the expected context).
         """
         B, K = emb.shape[:2]
         context, alpha = self.attention(features, enc_proj, h)  # (B, K, C), (B, K, P)
+        loc_logp = None
+        if sample is not None:
+            loc = torch.multinomial(alpha.detach().reshape(B * K, -1), 1).view(B, K)
+            context = torch.where(sample.view(B, 1, 1), pick_cells(features, loc), context)
+            loc_logp = alpha.gather(2, loc.unsqueeze(-1)).squeeze(-1).clamp_min(1e-30).log()  # (B, K)
+        elif self.config.argmax_context:
+            context = pick_cells(features, alpha.argmax(dim=-1))
         context = torch.sigmoid(self.f_beta(h)) * context  # beta gate
         x = torch.cat([emb, context], dim=-1).reshape(B * K, -1)
         h, c = self.lstm(x, (h.reshape(B * K, -1), c.reshape(B * K, -1)))
-        return h.view(B, K, -1), c.view(B, K, -1), alpha
+        return h.view(B, K, -1), c.view(B, K, -1), alpha, loc_logp
 
     def step(self, features, enc_proj, tokens, h, c):
         """One word for K hypotheses per image.
@@ -86,17 +120,19 @@ class Decoder(nn.Module):
         features (B, P, C), enc_proj (B, P, A), tokens (B, K), h and c (B, K, D)
         -> logits (B, K, V), h, c (B, K, D), alpha (B, K, P)
         """
-        h, c, alpha = self.advance(features, enc_proj, self.embedding(tokens), h, c)
+        h, c, alpha, _ = self.advance(features, enc_proj, self.embedding(tokens), h, c)
         return self.fc(self.dropout(h)), h, c, alpha
 
-    def forward(self, features, captions, lengths=None):
+    def forward(self, features, captions, lengths=None, sample=None):
         """Teacher forcing. features (B, P, C); captions (B, T) starting with <start>.
 
         ``lengths`` (caption lengths with <start> and <end>, sorted longest first) lets the batch
         shrink as captions end, so padding costs nothing. Returns the logits of the predicted
         positions only, (N, V) in row-major order of captions[:, 1:] (N = sum of lengths - 1),
-        and alphas (B, T-1, P), zero past a caption's end. The output layer runs once, on all
-        positions together, after the recurrence.
+        alphas (B, T-1, P), zero past a caption's end, and for hard-attention training
+        (``sample``: (B,) bool, the rows that read sampled locations) the log-probability of each
+        sampled location (B, T-1), else None. The output layer runs once, on all positions
+        together, after the recurrence.
         """
         B, T = captions.shape
         steps = [T - 1] * B if lengths is None else [int(n) - 1 for n in lengths]
@@ -106,13 +142,17 @@ class Decoder(nn.Module):
         emb = self.embedding(captions[:, :T1])  # (B, T1, E)
         hs = features.new_zeros(B, T1, self.config.decoder_dim)
         alphas = features.new_zeros(B, T1, features.shape[1])
+        loc_logps = features.new_zeros(B, T1) if sample is not None else None
         for t in range(T1):
             n = sum(1 for s in steps if s > t)  # rows still going (sorted longest first)
-            h, c, alpha = self.advance(features[:n], enc_proj[:n], emb[:n, t : t + 1], h[:n], c[:n])
+            h, c, alpha, loc_logp = self.advance(features[:n], enc_proj[:n], emb[:n, t : t + 1], h[:n], c[:n],
+                                                 None if sample is None else sample[:n])
             hs[:n, t] = h[:, 0]
             alphas[:n, t] = alpha[:, 0]
+            if loc_logp is not None:
+                loc_logps[:n, t] = loc_logp[:, 0]
         mask = torch.arange(T1, device=captions.device).unsqueeze(0) < torch.tensor(steps, device=captions.device).unsqueeze(1)
-        return self.fc(self.dropout(hs[mask])), alphas
+        return self.fc(self.dropout(hs[mask])), alphas, loc_logps
 
 
 def attention_regularizer(alphas, mask):
@@ -158,6 +198,7 @@ class InferenceStep:
         self.splits = (4 * D, C, c.attention_dim)
         self.w_energy, self.b_energy = att.full_att.weight.view(-1), att.full_att.bias
         self.fc = decoder.fc
+        self.argmax_context = c.argmax_context
         self._buffer = None
 
     def energy(self, enc_proj, att_h):
@@ -182,7 +223,8 @@ class InferenceStep:
         """Same contract as ``Decoder.step``: -> logits (B, K, V), h, c (B, K, D), alpha (B, K, P)."""
         gates_h, beta, att_h = F.linear(h, self.w_h, self.b_h).split(self.splits, dim=-1)
         alpha = self.energy(enc_proj, att_h).softmax(dim=-1)  # (B, K, P)
-        context = torch.sigmoid(beta) * torch.bmm(alpha, features)  # (B, K, C)
+        read = pick_cells(features, alpha.argmax(dim=-1)) if self.argmax_context else torch.bmm(alpha, features)
+        context = torch.sigmoid(beta) * read  # (B, K, C)
         if self.table:
             gates = F.linear(context, self.w_context).add_(gates_h).add_(self.word_gates[tokens])  # (B, K, 4D)
         else:

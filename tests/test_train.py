@@ -130,8 +130,8 @@ def test_shrinking_batch_forward_matches_padded_forward():
     feats = torch.randn(3, 5, 8)
     caps = torch.tensor([[1, 5, 6, 7, 8, 2], [1, 9, 10, 2, 0, 0], [1, 4, 2, 0, 0, 0]])
     lengths = [6, 4, 3]
-    fast_logits, fast_alphas = dec(feats, caps, lengths)  # only the 5 + 3 + 2 predicted positions
-    full_logits, full_alphas = dec(feats, caps)  # every position, padding included
+    fast_logits, fast_alphas, _ = dec(feats, caps, lengths)  # only the 5 + 3 + 2 predicted positions
+    full_logits, full_alphas, _ = dec(feats, caps)  # every position, padding included
     assert fast_logits.shape == (10, 15) and full_logits.shape == (15, 15)
     full_logits = full_logits.view(3, 5, 15)
     valid = torch.cat([full_logits[row, : n - 1] for row, n in enumerate(lengths)])
@@ -150,6 +150,88 @@ def test_shrinking_batch_forward_matches_padded_forward():
     expected = torch.nn.functional.cross_entropy(full_logits[mask], caps[:, 1:][mask])
     torch.testing.assert_close(ce, expected)
     assert float(loss) > float(ce)
+
+
+# ------------------------------------------------------------------ hard attention
+def one_hot_grid(B=2, P=6):
+    """Features whose cells are distinct one-hot vectors, so a read cell can be recognised."""
+    return torch.eye(P).unsqueeze(0).repeat(B, 1, 1)
+
+
+def test_sampled_rows_read_one_cell_and_its_log_probability():
+    torch.manual_seed(0)
+    dec = Decoder(DecoderConfig(vocab_size=10, encoder_dim=6, embed_dim=4, attention_dim=5, decoder_dim=7,
+                                dropout=0.0, attention="hard"))
+    feats = one_hot_grid()
+    h, c, proj = dec.init_state(feats)
+    inputs = []
+    hook = dec.lstm.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+    sample = torch.tensor([True, False])
+    _, _, alpha, loc_logp = dec.advance(feats, proj, dec.embedding(torch.tensor([[1], [1]])),
+                                        h.unsqueeze(1), c.unsqueeze(1), sample)
+    hook.remove()
+    gate = torch.sigmoid(dec.f_beta(h))  # (B, C)
+    read = inputs[0][:, 4:] / gate  # the context the LSTM saw, before the gate
+    cell = int(read[0].argmax())
+    torch.testing.assert_close(read[0], torch.eye(6)[cell])  # sampled row: one cell
+    torch.testing.assert_close(read[1], alpha[1, 0])  # other row: the expectation (alpha . one-hots)
+    torch.testing.assert_close(loc_logp[0, 0], alpha[0, 0, cell].log())
+
+
+def test_hard_attention_loss_by_hand():
+    from sat_cli.train import hard_attention_loss
+
+    logits = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.5, 0.5]]))  # 3 predicted words, V = 2
+    captions = torch.tensor([[9, 0, 1], [9, 1, 5]])  # row 0: targets 0, 1; row 1: target 1 then pad (5)
+    alphas = torch.tensor([[[0.5, 0.5], [1.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    loc_logp = torch.log(torch.tensor([[0.5, 1.0], [0.5, 0.5]]))
+    sampled = torch.tensor([True, False])
+    term, rewards = hard_attention_loss(logits, alphas, loc_logp, sampled, captions, pad=5, baseline=-1.0,
+                                        reinforce=2.0, entropy=0.1)
+    reward0 = (torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.75))) / 2  # mean log-likelihood per word
+    torch.testing.assert_close(rewards, reward0.view(1))
+    policy = -(reward0 + 1.0) * (loc_logp[0, 0] + loc_logp[0, 1])
+    entropy = torch.log(torch.tensor(2.0))  # the first map of row 0; its second map has entropy 0
+    torch.testing.assert_close(term, (2.0 * policy - 0.1 * entropy) / 3)
+
+
+@pytest.mark.parametrize("reinforce", [0.0, 1.0])
+def test_only_reinforce_trains_the_attention_of_sampled_captions(reinforce):
+    """When every caption reads sampled cells, the word loss cannot reach the attention MLP (the
+    choice is discrete): its gradient comes from the REINFORCE term alone."""
+    from sat_cli.train import caption_loss, hard_attention_loss
+
+    torch.manual_seed(0)
+    dec = Decoder(DecoderConfig(vocab_size=10, encoder_dim=6, embed_dim=4, attention_dim=5, decoder_dim=7,
+                                dropout=0.0, attention="hard"))
+    feats = torch.randn(3, 6, 6)
+    caps = torch.tensor([[1, 4, 5, 6, 2], [1, 7, 8, 2, 0], [1, 9, 2, 0, 0]])
+    lengths = torch.tensor([5, 4, 3])
+    sampled = torch.ones(3, dtype=torch.bool)
+    logits, alphas, loc_logp = dec(feats, caps, lengths.tolist(), sampled)
+    loss, _ = caption_loss(logits, alphas, caps, lengths, 0.0, 0.0, 0)
+    term, _ = hard_attention_loss(logits, alphas, loc_logp, sampled, caps, 0, None, reinforce, 0.0)
+    (loss + term).backward()
+    grad = dec.attention.full_att.weight.grad
+    assert (grad is not None and grad.abs().sum() > 0) == (reinforce > 0)
+    assert dec.fc.weight.grad.abs().sum() > 0
+
+
+def test_hard_attention_training_writes_a_hard_model(small_set, tmp_path):
+    summary = Trainer(tiny_config(small_set, tmp_path, attention="hard", epochs=2, hard_inference="argmax"))
+    summary.setup()
+    result = summary.run()
+    assert result["hard_baseline"] < 0  # a running mean of log-likelihoods
+    config = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert config["decoder"]["attention"] == "hard" and config["decoder"]["hard_inference"] == "argmax"
+    db = tmp_path / "h.db"
+    run = CliRunner().invoke(cli, ["caption", str(small_set[1]), "--model", str(tmp_path / "run" / "last"),
+                                   "--db", str(db), "-q"], catch_exceptions=False)
+    assert run.exit_code == 0
+    import sqlite_utils
+
+    maps = list(sqlite_utils.Database(db).query("SELECT words, grid_h, grid_w FROM attention_maps"))
+    assert any(m["words"] >= 1 for m in maps)  # stored like soft attention: a map per word
 
 
 # ------------------------------------------------------------------ training
