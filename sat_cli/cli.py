@@ -380,6 +380,9 @@ def encoders(as_json):
               help="Hard attention: weight of the entropy bonus on the attention (lambda_e).")
 @click.option("--hard-inference", default="expected", show_default=True, type=click.Choice(["expected", "argmax"]),
               help="Hard attention at inference: the expected context or the single most likely cell.")
+@click.option("--init-state", default="mean", show_default=True, type=click.Choice(["mean", "zero"]),
+              help="The LSTM's first state: a projection of the mean feature (the paper's), or zero, so "
+                   "everything the decoder sees comes through its attention.")
 @click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--grad-clip", default=5.0, show_default=True, type=float)
 @click.option("--min-word-freq", default=5, show_default=True, type=click.IntRange(1))

@@ -23,8 +23,13 @@ class DecoderConfig:
     # Hard-attention models at inference: "expected" (the alpha-weighted mean, as soft attention
     # and as half of the hard model's training steps) or "argmax" (the single most likely cell).
     hard_inference: str = "expected"
+    # The LSTM's first state: "mean" (a projection of the mean feature, as in the paper) or "zero"
+    # (all visual information has to come through the attention).
+    init_state: str = "mean"
 
     def __post_init__(self):
+        if self.init_state not in ("mean", "zero"):
+            raise ValueError(f"init_state must be mean or zero, not {self.init_state!r}")
         if self.attention not in ("soft", "hard"):
             raise ValueError(f"attention must be soft or hard, not {self.attention!r}")
         if self.hard_inference not in ("expected", "argmax"):
@@ -78,15 +83,19 @@ class Decoder(nn.Module):
         c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
         self.attention = Attention(c.encoder_dim, c.decoder_dim, c.attention_dim)
-        self.init_h = nn.Linear(c.encoder_dim, c.decoder_dim)
-        self.init_c = nn.Linear(c.encoder_dim, c.decoder_dim)
+        if c.init_state == "mean":
+            self.init_h = nn.Linear(c.encoder_dim, c.decoder_dim)
+            self.init_c = nn.Linear(c.encoder_dim, c.decoder_dim)
         self.f_beta = nn.Linear(c.decoder_dim, c.encoder_dim)  # gating scalar per channel
         self.lstm = nn.LSTMCell(c.embed_dim + c.encoder_dim, c.decoder_dim)
         self.dropout = nn.Dropout(c.dropout)
         self.fc = nn.Linear(c.decoder_dim, c.vocab_size)
 
     def init_state(self, features):
-        """features (B, P, C) -> h, c (B, D) from the mean feature, and the encoder projection."""
+        """features (B, P, C) -> h, c (B, D) from the mean feature (or zeros), and the encoder projection."""
+        if self.config.init_state == "zero":
+            h = features.new_zeros(features.shape[0], self.config.decoder_dim)
+            return h, h, self.attention.project(features)
         mean = features.mean(dim=1)
         return self.init_h(mean), self.init_c(mean), self.attention.project(features)
 

@@ -46,6 +46,7 @@ class TrainConfig:
     hard_reinforce: float = 1.0  # lambda_r: weight of the REINFORCE term of hard attention
     hard_entropy: float = 0.001  # lambda_e: weight of the entropy bonus of hard attention
     hard_inference: str = "expected"  # hard attention at inference: expected context or argmax cell
+    init_state: str = "mean"  # the LSTM's first state: from the mean feature, or zero
     label_smoothing: float = 0.0
     grad_clip: float = 5.0
     min_word_freq: int = 5
@@ -320,7 +321,7 @@ class Trainer:
             cfg.feature_layers = enc.get("layers")
             d = init.decoder.config
             cfg.embed_dim, cfg.attention_dim, cfg.decoder_dim = d.embed_dim, d.attention_dim, d.decoder_dim
-            cfg.attention, cfg.hard_inference = d.attention, d.hard_inference
+            cfg.attention, cfg.hard_inference, cfg.init_state = d.attention, d.hard_inference, d.init_state
             self.say(f"Starting from {cfg.init_from} ({cfg.encoder}, vocabulary {len(init.vocab)} words)")
         self.encoder = create_encoder(cfg.encoder, EncoderOptions(
             grid=cfg.grid, image_size=cfg.image_size, weights=cfg.encoder_weights,
@@ -357,7 +358,7 @@ class Trainer:
         self.decoder = Decoder(DecoderConfig(
             vocab_size=len(self.vocab), encoder_dim=self.encoder.out_dim, embed_dim=cfg.embed_dim,
             attention_dim=cfg.attention_dim, decoder_dim=cfg.decoder_dim, dropout=cfg.dropout,
-            attention=cfg.attention, hard_inference=cfg.hard_inference)).to(device)
+            attention=cfg.attention, hard_inference=cfg.hard_inference, init_state=cfg.init_state)).to(device)
         if init is not None:
             self.decoder.load_state_dict(init.decoder.state_dict())
         self.encoder.to(device)

@@ -234,6 +234,23 @@ def test_hard_attention_training_writes_a_hard_model(small_set, tmp_path):
     assert any(m["words"] >= 1 for m in maps)  # stored like soft attention: a map per word
 
 
+def test_zero_initial_state_leaves_vision_to_the_attention(small_set, tmp_path):
+    """--init-state zero: no projection of the mean feature; the first state is zero, and the
+    checkpoint records it (it loads back strictly)."""
+    from sat_cli.checkpoint import load_checkpoint
+
+    dec = Decoder(DecoderConfig(vocab_size=10, encoder_dim=6, embed_dim=4, attention_dim=5, decoder_dim=7,
+                                init_state="zero"))
+    assert not hasattr(dec, "init_h")
+    h, c, _ = dec.init_state(torch.randn(2, 3, 6))
+    assert h.abs().sum() == 0 and c.abs().sum() == 0
+    trainer = Trainer(tiny_config(small_set, tmp_path, init_state="zero", epochs=1))
+    trainer.setup()
+    trainer.run()
+    loaded = load_checkpoint(tmp_path / "run" / "last")
+    assert loaded.decoder.config.init_state == "zero" and not hasattr(loaded.decoder, "init_h")
+
+
 # ------------------------------------------------------------------ training
 def weights(path):
     from safetensors.torch import load_file
