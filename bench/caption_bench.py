@@ -38,10 +38,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from reference import reference_beam_search  # noqa: E402
 
-from sat_cli.beam import DecodeSettings, beam_search  # noqa: E402
+from sat_cli.beam import DecodeSettings  # noqa: E402
 from sat_cli.checkpoint import load_checkpoint  # noqa: E402
-from sat_cli.devices import keep_freed_memory  # noqa: E402
-from sat_cli.images import load_image  # noqa: E402
+from sat_cli.pipeline import decode, encode, load_batches  # noqa: E402
+from sat_cli.runtime import keep_freed_memory  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def photos(n: int, offset: int = 0) -> list[str]:
@@ -70,20 +72,13 @@ def decoder_macs(ck, hyp_steps: int, images: int) -> float:
     return images * per_image + hyp_steps * per_step
 
 
-def pixel_batch(paths, size, interpolation) -> torch.Tensor:
-    """uint8 images (B, 3, H, W), each loaded and resized as `sat caption` does."""
-    return torch.stack([torch.from_numpy(load_image(p, size, interpolation)[0].copy()).permute(2, 0, 1)
-                        for p in paths])
+def pixel_batch(paths, preprocess) -> torch.Tensor:
+    """uint8 images (B, 3, H, W), loaded and resized by sat's pipeline (in this process)."""
+    return next(load_batches(paths, preprocess, len(paths)))[1]
 
 
 def encode_all(ck, paths, batch=32):
-    pre = ck.preprocess
-    feats = []
-    for i in range(0, len(paths), batch):
-        x = pixel_batch(paths[i : i + batch], pre.size, pre.interpolation)
-        with torch.inference_mode():
-            feats.append(ck.encoder(x))
-    return torch.cat(feats)
+    return torch.cat([encode(ck.encoder, pixels, CPU, "fp32") for _, pixels in load_batches(paths, ck.preprocess, batch)])
 
 
 def part_decode(ck, n: int, rounds: int = 3):
@@ -97,7 +92,7 @@ def part_decode(ck, n: int, rounds: int = 3):
     sizes = (16, 32, 64, 128)
     reference_beam_search(ck.decoder, feats[:1], 3, 50, v.start, v.end, blocked)  # warm-up
     for bs in sizes:
-        beam_search(ck.decoder, feats[:bs], settings, start=v.start, end=v.end, blocked=blocked)
+        decode(ck, feats[:bs], settings, attention=False)
     t_ref, t_tut, t_sat, same = [], [], {bs: [] for bs in sizes}, {}
     for r in range(rounds):
         stats = {}
@@ -114,9 +109,9 @@ def part_decode(ck, n: int, rounds: int = 3):
             t = time.perf_counter()
             out = []
             for i in range(0, n, bs):
-                out += beam_search(ck.decoder, feats[i : i + bs], settings, start=v.start, end=v.end, blocked=blocked)
+                out += decode(ck, feats[i : i + bs], settings, attention=False)  # what sat caption runs
             t_sat[bs].append(time.perf_counter() - t)
-            same[bs] = min(same.get(bs, n), sum(o[0].tokens == r[0] for o, r in zip(out, ref)))
+            same[bs] = min(same.get(bs, n), sum(o[0].words == v.decode(r[0]) for o, r in zip(out, ref)))
     med = lambda xs: float(np.median(xs))  # noqa: E731
     print(f"reference, one image at a time:        {n / med(t_ref):7.1f} images/s"
           f"   (recomputing the encoder projection every step, as the tutorial does: {n / med(t_tut):.1f})")
@@ -155,9 +150,7 @@ def per_image_pipeline(ck, paths) -> float:
     blocked = (v.pad, v.start, v.unk)
 
     def one(p):
-        x = pixel_batch([p], pre.size, pre.interpolation)
-        with torch.inference_mode():
-            f = ck.encoder(x)
+        f = encode(ck.encoder, pixel_batch([p], pre), CPU, "fp32")
         return reference_beam_search(ck.decoder, f, 3, 50, v.start, v.end, blocked)
 
     one(paths[0])
@@ -173,10 +166,8 @@ def encoder_only(ck, paths, batch=64) -> float:
     pre = ck.preprocess
 
     def run(ps):
-        for i in range(0, len(ps), batch):
-            x = pixel_batch(ps[i : i + batch], pre.size, pre.interpolation)
-            with torch.inference_mode():
-                ck.encoder(x)
+        for _, pixels in load_batches(ps, pre, batch):
+            encode(ck.encoder, pixels, CPU, "fp32")
 
     run(paths[:batch])
     t = time.perf_counter()
@@ -187,7 +178,7 @@ def encoder_only(ck, paths, batch=64) -> float:
 def part_e2e(model: str, label: str, big: int = 300, small: int = 60, per_image_n: int = 40,
              encoder_weights: str | None = None):
     # as `sat caption` prepares it: the per-image pipeline and the encoder-only work get the same encoder
-    ck = load_checkpoint(model, encoder_weights=encoder_weights).for_inference(torch.device("cpu"))
+    ck = load_checkpoint(model, encoder_weights=encoder_weights).for_inference(CPU)
     extra = ("--encoder-weights", encoder_weights) if encoder_weights else ()
     print(f"\n== end to end, {label}: `sat caption` on {big} real photos, beam 3 ==")
     paths = photos(big)
@@ -234,8 +225,10 @@ def resnet_model() -> tuple[str, str]:
             std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
             with torch.no_grad():
                 paths = photos(64, offset=1000)
-                for i in range(0, 64, 16):
-                    x = pixel_batch(paths[i : i + 16], (224, 224), "bilinear").float() / 255
+                from sat_cli.encoders import Preprocess
+
+                for _, x in load_batches(paths, Preprocess((224, 224), interpolation="bilinear"), 16):
+                    x = x.float() / 255
                     net((x - mean) / std)
             save_file(net.state_dict(), str(weights))
         subprocess.run([sys.executable, "-m", "sat_cli", "train", "--data", str(out / "subset.json"), "--images",
@@ -275,7 +268,7 @@ def main():
     keep_freed_memory()  # as `sat caption` does; the reference runs in this same process
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     if args.only in (None, "decode"):
-        part_decode(load_checkpoint(args.model), args.decode_images)
+        part_decode(load_checkpoint(args.model).for_inference(CPU), args.decode_images)
     if args.only in (None, "e2e"):
         part_e2e(args.model, load_checkpoint(args.model).encoder_spec)
     if args.only in (None, "resnet"):

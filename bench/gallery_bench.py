@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from sat_cli.store import CaptionRecord, ImageRecord, Store, open_db  # noqa: E402
+from sat_cli.records import Caption, Result  # noqa: E402
+from sat_cli.store import Store, open_db  # noqa: E402
 
 WORDS = "a man woman dog cat sitting standing on the table with red blue small large of in front a street".split()
 
@@ -44,7 +44,7 @@ def build(root: Path, n: int) -> Path:
     for i in range(n):
         path = photos / f"{i:05d}.jpg"
         if i % 100 == 99:
-            batch.append(ImageRecord(str(path), error="cannot identify image file"))
+            batch.append(Result(str(path), error="cannot identify image file"))
         else:
             pixels = (rng.random((6, 8, 3)) * 255).astype(np.uint8)
             Image.fromarray(pixels).resize((160, 120), Image.BILINEAR).save(path, quality=80)
@@ -53,9 +53,9 @@ def build(root: Path, n: int) -> Path:
             for rank in range(3):
                 words = list(rng.choice(WORDS, size=int(rng.integers(6, 12))))
                 maps = rng.dirichlet(np.ones(144), size=len(words) + 1).reshape(-1, 12, 12).astype(np.float16)
-                captions.append(CaptionRecord(rank + 1, " ".join(words), words, -5.0 - rank, -0.5 - rank / 10, True,
+                captions.append(Caption(rank + 1, " ".join(words), words, -5.0 - rank, -0.5 - rank / 10, True,
                                               maps))
-            batch.append(ImageRecord(str(path), hashlib.sha256(data).hexdigest(), len(data), 160, 120,
+            batch.append(Result(str(path), hashlib.sha256(data).hexdigest(), len(data), 160, 120,
                                      captions=captions))
         if len(batch) == 500:
             store.write_batch(run_id, batch, "f" * 64, "k")

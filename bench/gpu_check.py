@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import random
 import subprocess
 import sys
@@ -84,34 +83,29 @@ def main():
         sys.exit(1)
     print("device:", torch.cuda.get_device_name(0), flush=True)
 
-    from sat_cli.beam import DecodeSettings, beam_search
+    from sat_cli.beam import DecodeSettings
     from sat_cli.checkpoint import load_checkpoint
+    from sat_cli.pipeline import decode, encode, load_batches
 
-    # 1. beam search: GPU == CPU on the same features
-    ck = load_checkpoint(None)
+    # 1. beam search: GPU == CPU on the same features (sat's pipeline: load, encode, decode)
+    ck = load_checkpoint(None).for_inference(torch.device("cpu"))
     photos = make_photos(Path("/tmp/gpu-photos"), args.images)
-    from sat_cli.images import load_image
-
-    pre = ck.preprocess
-    x = torch.stack([torch.from_numpy(load_image(p, pre.size, pre.interpolation)[0].copy()).permute(2, 0, 1)
-                     for p in photos[:64]])
-    with torch.inference_mode():
-        feats = ck.encoder(x)
-    v = ck.vocab
+    _, x = next(load_batches(photos[:64], ck.preprocess, 64))
+    feats = encode(ck.encoder, x, torch.device("cpu"), "fp32")
     settings = DecodeSettings(beam_size=3, max_len=30)
-    cpu = beam_search(ck.decoder, feats, settings, start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+    cpu = decode(ck, feats, settings, attention=False)
     ck.to(torch.device("cuda"))
     torch.cuda.synchronize()
     t = time.perf_counter()
-    gpu = beam_search(ck.decoder, feats.cuda(), settings, start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+    gpu = decode(ck, feats.cuda(), settings, attention=False)
     torch.cuda.synchronize()
-    same = sum(a[0].tokens == b[0].tokens for a, b in zip(cpu, gpu))
+    same = sum(a[0].words == b[0].words for a, b in zip(cpu, gpu))
     check(same >= 62, f"beam search GPU vs CPU: {same}/64 identical best captions")
     big = feats.cuda().repeat(16, 1, 1)
-    beam_search(ck.decoder, big[:256], settings, start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+    decode(ck, big[:256], settings, attention=False)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    beam_search(ck.decoder, big, settings, start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+    decode(ck, big, settings, attention=False)
     torch.cuda.synchronize()
     print(f"decode only on GPU: {len(big) / (time.perf_counter() - t):.0f} images/s (batch {len(big)}, beam 3)")
 
@@ -148,7 +142,10 @@ def main():
         check(agree >= limit, f"{precision} on GPU agrees with the CPU on {agree}/{len(cpu_caps)} best captions")
 
     # 3. training on the GPU with mixed precision
-    from sat_cli.train import TrainConfig, Trainer
+    from sat_cli.runtime import StopSignal
+    from sat_cli.training import TrainConfig
+    from sat_cli.training.loop import xent_epoch
+    from sat_cli.training.trainer import Trainer
 
     rows = []
     words = ["a", "photo", "of", "the", "cat", "coffee", "rocket", "astronaut", "man", "camera", "cup", "with"]
@@ -171,7 +168,7 @@ def main():
         t = time.perf_counter()
         for epoch in range(3):
             trainer.state["step"] = 0
-            loss, samples, _ = trainer.train_epoch(epoch, type("S", (), {"requested": False})(), NullProgress(), 0)
+            loss, samples, _ = xent_epoch(trainer, epoch, StopSignal(), NullProgress(), 0)
             losses.append(loss)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t

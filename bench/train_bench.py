@@ -30,7 +30,8 @@ CACHE = OUT / "cache"
 
 
 def trainer(**overrides):
-    from sat_cli.train import TrainConfig, Trainer
+    from sat_cli.training import TrainConfig
+    from sat_cli.training.trainer import Trainer
 
     cfg = TrainConfig(data=str(DATA), out=str(OUT / "train_bench"), cache_dir=str(CACHE), quiet=True,
                       meteor=False, **overrides)
@@ -42,7 +43,7 @@ def trainer(**overrides):
 def step(t, idx, feats):
     from torch.nn.utils import clip_grad_norm_
 
-    from sat_cli.train import caption_loss
+    from sat_cli.training.losses import caption_loss
 
     lengths = t.lengths[idx]
     order = lengths.argsort(descending=True, stable=True)
@@ -60,7 +61,9 @@ def part_cache(steps: int):
     print(f"== feature cache: {steps} training steps of batch 32 each way ==")
     t = trainer()
     t.decoder.train()
-    batches = t.batches(0)[: steps + 2]
+    from sat_cli.training.data import length_batches, pixel_batches
+
+    batches = length_batches(t.lengths.tolist(), t.cfg.batch_size, t.cfg.seed, 0)[: steps + 2]
     for b in batches[:2]:  # warm-up
         idx = torch.tensor(b)
         step(t, idx, t.train_feats[t.image_index[idx]].float())
@@ -74,7 +77,10 @@ def part_cache(steps: int):
     print(f"cached features:               {cached:7.1f} samples/s")
     start = time.perf_counter()
     n = 0
-    for b, pixels in zip(batches[2:], t.image_batches(batches[2:])):
+    index = t.image_index.tolist()
+    groups = [[index[i] for i in b] for b in batches[2:]]
+    for b, pixels in zip(batches[2:], pixel_batches([e.path for e in t.train_entries], t.encoder.preprocess, groups,
+                                                    t.workers)):
         idx = torch.tensor(b)
         with torch.no_grad():
             feats = t.encoder(pixels)  # the frozen encoder, every step
@@ -87,6 +93,8 @@ def part_cache(steps: int):
 
 def part_epoch():
     from sat_cli.progress import NullProgress
+    from sat_cli.runtime import StopSignal
+    from sat_cli.training.loop import xent_epoch
 
     recipes = [("reference recipe (224 px, 7x7 grid)", {}),
                ("default-model recipe (384 px, 12x12 grid, label smoothing 0.1)",
@@ -100,7 +108,7 @@ def part_epoch():
         print(f"set-up (vocabulary; features of {built} images computed, the rest read from the cache): "
               f"{time.perf_counter() - start:.1f}s")
         start = time.perf_counter()
-        loss, samples, _ = t.train_epoch(0, type("S", (), {"requested": False})(), NullProgress(), 0)
+        loss, samples, _ = xent_epoch(t, 0, StopSignal(), NullProgress(), 0)
         seconds = time.perf_counter() - start
         start = time.perf_counter()
         metrics = t.validate()
@@ -122,6 +130,9 @@ def main():
     ap.add_argument("--cache-dir", type=Path, default=CACHE, help="Feature cache (default: bench/out/cache).")
     args = ap.parse_args()
     CACHE = args.cache_dir
+    from sat_cli.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as `sat train` does
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     if args.only in (None, "cache"):
         part_cache(args.steps)

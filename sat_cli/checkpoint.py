@@ -87,6 +87,7 @@ class Checkpoint:
     fingerprint: str
     path: str
     device: object = None
+    precision: str = "fp32"  # of the encoder's forward pass (see for_inference)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -97,6 +98,11 @@ class Checkpoint:
     def preprocess(self) -> Preprocess:
         return self.encoder.preprocess
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the feature grid: the shape of each attention map."""
+        return self.encoder.grid_shape()
+
     def decode_defaults(self) -> dict:
         return dict(self.config.get("decode", {}))
 
@@ -106,10 +112,12 @@ class Checkpoint:
         self.device = device
         return self
 
-    def for_inference(self, device):
-        """Move to ``device`` and make the encoder inference-only (batch norms folded into their
-        convolutions): what `sat caption` and `sat eval` run. Not for training or saving."""
+    def for_inference(self, device, precision: str = "fp32"):
+        """Move to ``device``, run the encoder in ``precision`` and make it inference-only (batch
+        norms folded into their convolutions): what `sat caption`, `sat eval` and the Python API
+        run. Not for training or saving."""
         self.to(device)
+        self.precision = precision
         self.encoder.fold_batch_norm()
         return self
 

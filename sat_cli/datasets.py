@@ -22,6 +22,7 @@ class Entry:
     captions: list[list[str]] = field(default_factory=list)  # tokenized
     raw: list[str] = field(default_factory=list)  # as written
     image_id: str | int | None = None
+    source: str | None = None  # the collection it comes from (Karpathy "source"/"dataset", "coco"): scored apart
 
 
 @dataclass
@@ -44,6 +45,7 @@ def read_karpathy(path: Path, images: Path) -> list[Entry]:
     if not isinstance(data, dict) or "images" not in data:
         raise DataError(f"{path}: not a Karpathy-split file (no 'images' list)")
     entries = []
+    dataset = data.get("dataset")
     for im in data["images"]:
         try:
             folder = images / im["filepath"] if im.get("filepath") else images
@@ -55,6 +57,7 @@ def read_karpathy(path: Path, images: Path) -> list[Entry]:
                 captions=[s.get("tokens") or tokenize(s["raw"]) for s in sentences],
                 raw=[s.get("raw") or " ".join(s["tokens"]) for s in sentences],
                 image_id=im.get("cocoid", im.get("imgid", im["filename"])),
+                source=im.get("source") or dataset,
             ))
         except (KeyError, TypeError) as exc:
             raise DataError(f"{path}: image record without {exc} ({str(im)[:120]})") from None
@@ -65,7 +68,8 @@ def read_coco(path: Path, images: Path, split: str | None, val_fraction: float) 
     data = json.loads(path.read_text())
     by_id = {}
     for im in data["images"]:
-        by_id[im["id"]] = Entry(path=str((images / im["file_name"]).resolve()), split="", image_id=im["id"])
+        by_id[im["id"]] = Entry(path=str((images / im["file_name"]).resolve()), split="", image_id=im["id"],
+                                source="coco")
     for ann in data["annotations"]:
         entry = by_id.get(ann["image_id"])
         if entry is not None:

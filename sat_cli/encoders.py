@@ -61,9 +61,23 @@ class EncoderFamily:
     stage_layers: bool = False  # builds grids from earlier stages (EncoderOptions.layers)
 
 
-def families() -> dict[str, EncoderFamily]:
-    """Every registered encoder family by prefix."""
+_computed: dict = {}  # hook results per set of registered plugins: computed once, redone if plugins change
+
+
+def _once(kind: str, compute):
     load_plugins()
+    key = (kind, tuple(id(p) for p in pm.get_plugins()))
+    if key not in _computed:
+        _computed[key] = compute()
+    return _computed[key]
+
+
+def families() -> dict[str, EncoderFamily]:
+    """Every registered encoder family by prefix (the hooks run once per set of plugins)."""
+    return _once("families", _collect_families)
+
+
+def _collect_families() -> dict[str, EncoderFamily]:
     found: dict[str, EncoderFamily] = {}
     for impl in pm.hook.register_encoders.get_hookimpls():
 
@@ -82,14 +96,43 @@ def families() -> dict[str, EncoderFamily]:
 
 def offline_weights() -> dict[str, tuple[Callable[[], dict], str]]:
     """Pretrained weights that plugins provide without a download, by spec."""
-    load_plugins()
-    found: dict[str, tuple[Callable[[], dict], str]] = {}
 
-    def register(spec: str, loader: Callable[[], dict], description: str = ""):
-        found[spec] = (loader, description)
+    def collect():
+        found: dict[str, tuple[Callable[[], dict], str]] = {}
 
-    pm.hook.register_weights(register=register)
-    return found
+        def register(spec: str, loader: Callable[[], dict], description: str = ""):
+            found[spec] = (loader, description)
+
+        pm.hook.register_weights(register=register)
+        return found
+
+    return _once("weights", collect)
+
+
+def print_families(as_json: bool = False) -> None:
+    """`sat encoders`: the families, their plugins and the offline weights (a table or JSON)."""
+    import json
+    import sys
+
+    fams, offline = families(), offline_weights()
+    if as_json:
+        sys.stdout.write(json.dumps([
+            {"prefix": f.prefix, "plugin": f.plugin, "description": f.description, "examples": list(f.examples)}
+            for f in fams.values()
+        ] + [{"offline_weights": spec, "source": src} for spec, (_, src) in offline.items()], indent=2) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Encoders")
+    for column in ("prefix", "plugin", "description", "examples"):
+        table.add_column(column)
+    for f in fams.values():
+        table.add_row(f.prefix, f.plugin, f.description, "\n".join(f.examples))
+    console = Console()
+    console.print(table)
+    if offline:
+        console.print("Offline ImageNet weights: " + ", ".join(f"{spec} ({src})" for spec, (_, src) in offline.items()))
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -11,34 +11,11 @@ import re
 from typing import Iterator
 
 from .errors import SatError
-from .store import decode_attention
+from .queries import caption_rows, check_run, decode_attention, one_result_set
 
 FORMATS = ("csv", "tsv", "json", "jsonl", "coco")
 FLAT_COLUMNS = ("path", "sha256", "width", "height", "run", "rank", "caption", "score", "logprob",
                 "finished", "status", "error")
-
-
-def _query(db, run: int | None, best: bool, failed: bool, attention: bool):
-    join_run = " AND results.run_id = :run" if run is not None else ""
-    join_rank = " AND captions.rank = 1" if best else ""
-    keep = ["results.id IS NOT NULL"]
-    if failed:
-        keep.append("(images.status = 'failed'" + (" AND images.run_id = :run)" if run is not None else ")"))
-    sql = f"""
-        SELECT images.id AS image_id, images.path, images.sha256, images.width, images.height,
-               images.status, images.error, results.id AS result_id, results.run_id,
-               results.model_fingerprint, results.settings_key,
-               captions.id AS caption_id, captions.rank, captions.text, captions.tokens,
-               captions.logprob, captions.score, captions.finished
-               {", attention_maps.words, attention_maps.grid_h, attention_maps.grid_w, attention_maps.data" if attention else ""}
-        FROM images
-        LEFT JOIN results ON results.sha256 = images.sha256 AND images.status = 'ok'{join_run}
-        LEFT JOIN captions ON captions.result_id = results.id{join_rank}
-        {"LEFT JOIN attention_maps ON attention_maps.caption_id = captions.id" if attention else ""}
-        WHERE {" OR ".join(keep)}
-        ORDER BY images.path, results.id, captions.rank
-    """
-    return db.query(sql, {"run": run})
 
 
 def _flat(row: dict) -> dict:
@@ -89,12 +66,11 @@ def export(db, fmt: str, run: int | None = None, best: bool = False, failed: boo
     """Yield the export's text in chunks, a row (or an image) at a time."""
     if fmt not in FORMATS:
         raise SatError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if run is not None and not db["runs"].count_where("id = ?", [run]):
-        raise SatError(f"No run {run} in this database (see the runs table)")
+    check_run(db, run)
     if fmt == "coco":
         yield from _coco(db, run)
         return
-    rows = _query(db, run, best, failed, attention and fmt in ("json", "jsonl"))
+    rows = caption_rows(db, run, best, failed, attention and fmt in ("json", "jsonl"))
     if fmt in ("csv", "tsv"):
         buf = io.StringIO()
         writer = csv.DictWriter(buf, FLAT_COLUMNS, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
@@ -118,14 +94,8 @@ def export(db, fmt: str, run: int | None = None, best: bool = False, failed: boo
 
 def _coco(db, run: int | None) -> Iterator[str]:
     """COCO results: [{"image_id": int, "caption": str}], the best caption of each image."""
-    if run is None:
-        sets = db.execute("SELECT COUNT(DISTINCT model_fingerprint || settings_key) FROM results").fetchone()[0]
-        if sets > 1:
-            raise SatError(
-                f"This database holds captions from {sets} different models or decode settings; "
-                "pick one run with --run N for COCO results"
-            )
-    rows = _query(db, run, best=True, failed=False, attention=False)
+    one_result_set(db, run, "COCO results")
+    rows = caption_rows(db, run, best=True, failed=False, attention=False)
     yield "["
     seen: set[int] = set()
     for row in rows:
@@ -135,3 +105,36 @@ def _coco(db, run: int | None) -> Iterator[str]:
         seen.add(image_id)
         yield ("," if seen and len(seen) > 1 else "") + "\n  " + json.dumps({"image_id": image_id, "caption": row["text"]})
     yield "\n]\n"
+
+
+def export_to(db_path: str, fmt: str, out: str | None = None, run: int | None = None, best: bool = False,
+              failed: bool = True, attention: bool = False, page_size: int = 100, quiet: bool = False):
+    """`sat export`: write the export to ``out`` (a file; a folder for html) or to stdout."""
+    import sys
+    from pathlib import Path
+
+    from .store import open_db
+
+    if attention and fmt not in ("json", "jsonl"):
+        raise SatError("--attention works with --format json or jsonl")
+    db = open_db(db_path, must_exist=True)
+    if fmt == "html":
+        from .gallery import export_html
+        from .progress import console
+
+        if not out:
+            raise SatError("--format html writes a folder: give it with --out")
+        check_run(db, run)
+        index = export_html(db, out, run=run, best=best, page_size=page_size, quiet=quiet,
+                            title=f"sat: {Path(db_path).name}")
+        if not quiet:
+            console.print(f"Gallery written: {index}")
+        return
+    chunks = export(db, fmt, run=run, best=best, failed=failed, attention=attention)
+    if out:
+        with open(out, "w", encoding="utf-8", newline="") as f:
+            for chunk in chunks:
+                f.write(chunk)
+    else:
+        for chunk in chunks:
+            sys.stdout.write(chunk)

@@ -71,26 +71,18 @@ class FeatureCache:
               quiet: bool = False, rank: int = 0, world: int = 1) -> dict[str, str | None]:
         """Make sure every readable image has cached features. Returns path -> sha256 (None when
         the file could not be read; those are left out of training)."""
-        import torch
-        from torch.utils.data import DataLoader
-
-        from .devices import autocast
-        from .images import ImageFiles, collate
+        from .pipeline import encode, load_batches
         from .progress import progress_bar
 
         known = self.known()
-        pre = self.encoder.preprocess
         mine = paths[rank::world]
-        loader = DataLoader(ImageFiles(mine, pre.size, pre.interpolation, skip=known), batch_size=batch_size,
-                            num_workers=workers, collate_fn=collate, prefetch_factor=4 if workers else None)
         result: dict[str, str | None] = {}
         self.encoder.to(device).eval()
         with progress_bar("images", quiet) as progress:
             task = progress.add_task("Caching features", total=len(mine), status=f"[dim]{self.dir}")
-            for items, pixels in loader:
+            for items, pixels in load_batches(mine, self.encoder.preprocess, batch_size, workers, skip=known):
                 if pixels is not None:
-                    with torch.inference_mode(), autocast(device, precision):
-                        feats = self.encoder(pixels.to(device)).float().cpu().numpy()
+                    feats = encode(self.encoder, pixels, device, precision).cpu().numpy()
                     for it in items:
                         if it.row is not None:
                             self.save(it.sha256, feats[it.row])

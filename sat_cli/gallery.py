@@ -86,9 +86,8 @@ def thumbnail(src: str, target: Path, size: int) -> bool:
 
 def export_html(db, out: str | Path, run: int | None = None, best: bool = False, page_size: int = 100,
                 thumb_size: int = 320, quiet: bool = False, title: str | None = None) -> Path:
-    from .export import _query
     from .progress import progress_bar
-    from .store import decode_attention
+    from .queries import caption_rows, decode_attention
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -112,7 +111,7 @@ def export_html(db, out: str | Path, run: int | None = None, best: bool = False,
             (out / "data" / f"page-{pages:05d}.js").write_text(js_payload("page", pages, page), encoding="utf-8")
             page = []
 
-    rows = _query(db, run, best, True, True)
+    rows = caption_rows(db, run, best, True, True)
     with progress_bar("images", quiet) as progress:
         task = progress.add_task("Building gallery", total=total, status="")
         for _, group in groupby(rows, key=lambda r: (r["image_id"], r["result_id"])):

@@ -13,6 +13,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from .records import Result
+
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .jp2 .avif .heic".split()
 )
@@ -34,14 +36,15 @@ def _walk(folder: Path, recursive: bool) -> Iterator[str]:
                 yield os.path.join(root, name)
 
 
-def discover(inputs: list[str], recursive: bool = True) -> Iterator[Found]:
+def discover(inputs: list[str], recursive: bool = True, unique: bool = True) -> Iterator[Found]:
     """Files, folders (walked, image extensions only, hidden entries skipped) and glob patterns,
-    in a stable order, each path once. An argument that matches nothing yields an error entry."""
+    in a stable order, each path once (``unique``). An argument that matches nothing yields an
+    error entry."""
     seen: set[str] = set()
 
     def emit(path: str) -> Iterator[Found]:
         path = os.path.abspath(path)
-        if path not in seen:
+        if not unique or path not in seen:
             seen.add(path)
             yield Found(path)
 
@@ -106,21 +109,6 @@ def _rotated(im: Image.Image) -> bool:
     return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
 
 
-@dataclass
-class Item:
-    """One file as a DataLoader worker saw it."""
-
-    path: str
-    sha256: str | None = None
-    size: int | None = None  # bytes
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
-    skipped: bool = False  # already captioned with this model and these settings
-    pixels: object = None  # (3, H, W) uint8 tensor until collated
-    row: int | None = None  # its row in the collated pixel batch
-
-
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"image too large (Pillow's decompression-bomb guard): {exc}"
@@ -130,28 +118,46 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, OSError) else text
 
 
-class ImageFiles:
-    """A map-style dataset: hash each file, skip known content, decode and resize the rest."""
+def array_image(arr: np.ndarray) -> Image.Image:
+    """A uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as a PIL image; anything else is refused."""
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
+        raise ValueError(f"an image array must be uint8, not {getattr(arr, 'dtype', type(arr).__name__)}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(arr), "L")
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB" if arr.shape[2] == 3 else "RGBA")
+    raise ValueError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4) (channels last), not {arr.shape}")
 
-    def __init__(self, paths: list[str], size: tuple[int, int], interpolation: str = "bicubic",
-                 skip: frozenset[str] = frozenset()):
-        self.paths = paths
+
+def is_image_object(source) -> bool:
+    """True for the in-memory inputs sat takes: a PIL image or a numpy array."""
+    return isinstance(source, (Image.Image, np.ndarray))
+
+
+class Sources:
+    """A map-style dataset keyed by ``(index, source)``: a file is hashed, skipped when its content
+    is known, else decoded and resized; a PIL image or uint8 array is converted and resized. Any
+    failure becomes ``Result.error``, never an exception. Runs in DataLoader workers."""
+
+    def __init__(self, size: tuple[int, int], interpolation: str = "bicubic", skip: frozenset[str] = frozenset()):
         self.size = size
         self.interpolation = interpolation
         self.skip = skip
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Item:
-        import torch
-
-        path = self.paths[index]
+    def __getitem__(self, key) -> Result:
+        index, source = key
+        if is_image_object(source):
+            return self._memory(index, source)
+        if isinstance(source, Found):  # an argument that named nothing readable
+            return Result(source.path, error=source.error, index=index)
+        path = os.fspath(source)
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            return Item(path, error=describe_error(exc))
-        item = Item(path, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+            return Result(path, error=describe_error(exc), index=index)
+        item = Result(path, sha256=hashlib.sha256(data).hexdigest(), size=len(data), index=index)
         if item.sha256 in self.skip:
             item.skipped = True
             return item
@@ -160,11 +166,31 @@ class ImageFiles:
         except Exception as exc:  # any decoder failure becomes an error row, never a crash
             item.error = describe_error(exc)
             return item
+        return self._with_pixels(item, arr)
+
+    def _memory(self, index: int, source) -> Result:
+        item = Result(None, index=index)
+        try:
+            im = array_image(source) if isinstance(source, np.ndarray) else ImageOps.exif_transpose(source)
+            raw = im.tobytes()
+            item.sha256 = hashlib.sha256(f"{im.mode}{im.size}".encode() + raw).hexdigest()
+            item.size = len(raw)
+            item.width, item.height = im.size
+            im = to_rgb(im).resize((self.size[1], self.size[0]), _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC))
+            return self._with_pixels(item, np.asarray(im, dtype=np.uint8))
+        except Exception as exc:
+            item.error = describe_error(exc)
+            return item
+
+    @staticmethod
+    def _with_pixels(item: Result, arr: np.ndarray) -> Result:
+        import torch
+
         item.pixels = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W) uint8
         return item
 
 
-def collate(items: list[Item]):
+def collate(items: list[Result]):
     """-> (items, stacked pixels (N, 3, H, W) uint8 of the items that have them, or None)."""
     import torch
 

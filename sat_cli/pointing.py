@@ -73,7 +73,7 @@ def entropy_ratio(alpha: np.ndarray) -> float:
     p = np.asarray(alpha, dtype=np.float64).ravel()
     p = p / p.sum() if p.sum() > 0 else np.full_like(p, 1 / p.size)
     nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum() / math.log(p.size)) if p.size > 1 else 0.0
+    return max(0.0, float(-(nz * np.log(nz)).sum() / math.log(p.size))) if p.size > 1 else 0.0
 
 
 def map_stats(alpha: np.ndarray) -> tuple[float, float]:

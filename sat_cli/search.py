@@ -1,38 +1,31 @@
-"""``sat search``: full-text search (SQLite FTS5, porter stemming) over stored captions."""
+"""``sat search``: full-text search over stored captions, printed as a table, JSON or CSV
+(the query itself is :func:`sat_cli.queries.search`)."""
 
 from __future__ import annotations
 
-import sqlite3
+import json
+import sys
 
-from .errors import SatError
-
-QUERY_HELP = (
-    'FTS5 syntax: plain words (all must match), "an exact phrase", AND / OR / NOT in capitals, '
-    "prefix* and NEAR(a b, 5). Put words with punctuation in double quotes."
-)
+COLUMNS = ["path", "rank", "caption", "score", "run", "relevance", "image_id"]
 
 
-def search(db, query: str, limit: int = 20, run: int | None = None, rank: int | None = None) -> list[dict]:
-    """Best-matching captions first (bm25), one row per stored caption."""
-    if not query.strip():
-        raise SatError("Empty search query. " + QUERY_HELP)
-    where = ["captions_fts MATCH :q"]
-    if run is not None:
-        where.append("results.run_id = :run")
-    if rank is not None:
-        where.append("captions.rank = :rank")
-    sql = f"""
-        SELECT images.id AS image_id, images.path, captions.rank, captions.text AS caption, captions.score,
-               results.run_id AS run, bm25(captions_fts) AS relevance
-        FROM captions_fts
-        JOIN captions ON captions.id = captions_fts.rowid
-        JOIN results ON results.id = captions.result_id
-        JOIN images ON images.sha256 = results.sha256 AND images.status = 'ok'
-        WHERE {" AND ".join(where)}
-        ORDER BY relevance, images.path, captions.rank
-        LIMIT :limit
-    """
-    try:
-        return list(db.query(sql, {"q": query, "run": run, "rank": rank, "limit": limit}))
-    except sqlite3.OperationalError as exc:  # the SQL is fixed: what fails is the user's MATCH query
-        raise SatError(f"Bad search query {query!r} ({exc}). {QUERY_HELP}") from None
+def print_matches(rows: list[dict], query: str, fmt: str = "table") -> None:
+    """Matches on stdout: a rich table, a JSON array or CSV."""
+    if fmt == "json":
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{len(rows)} match{'es' if len(rows) != 1 else ''} for {query!r}")
+        for col in ("path", "rank", "caption", "score"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(r["path"], str(r["rank"]), r["caption"], f"{r['score']:.2f}")
+        Console().print(table)

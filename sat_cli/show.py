@@ -4,66 +4,16 @@ lit, the rest dims). Writes a PNG, headless."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from .errors import SatError
-from .store import decode_attention
-
-
-def find_image(db, selector: str) -> dict:
-    """An images row by path (full, relative or unique suffix), sha256 prefix or row id."""
-    rows = []
-    p = Path(selector).expanduser()
-    exact = list(db["images"].rows_where("path = ?", [str(p.resolve())])) or list(
-        db["images"].rows_where("path = ?", [str(p.absolute())]))
-    if exact:
-        return exact[0]
-    if selector.isdigit():
-        rows = list(db["images"].rows_where("id = ?", [int(selector)]))
-    if not rows and re.fullmatch(r"[0-9a-fA-F]{6,64}", selector):
-        rows = list(db["images"].rows_where("sha256 LIKE ?", [selector.lower() + "%"]))
-    if not rows:
-        suffix = "/" + selector.lstrip("./")
-        rows = list(db["images"].rows_where("path LIKE ? ESCAPE '\\'", ["%" + _like(suffix)]))
-    if not rows:
-        raise SatError(f"No image matches {selector!r} (give a stored path, a sha256 prefix or a row id)")
-    if len(rows) > 1 and len({r["sha256"] for r in rows}) > 1:
-        listing = "\n  ".join(f"{r['id']}: {r['path']}" for r in rows[:10])
-        raise SatError(f"{selector!r} matches {len(rows)} images; pick one by row id or full path:\n  {listing}")
-    return rows[0]
-
-
-def _like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def caption_with_attention(db, image: dict, rank: int = 1, run: int | None = None) -> tuple[dict, object]:
-    """The caption of rank ``rank`` for an image, with its attention maps (words, gh, gw)."""
-    if image["status"] != "ok":
-        raise SatError(f"{image['path']} was not captioned: {image['error']}")
-    where = "AND results.run_id = :run" if run is not None else ""
-    rows = list(db.query(f"""
-        SELECT captions.*, results.run_id, attention_maps.words, attention_maps.grid_h, attention_maps.grid_w,
-               attention_maps.data
-        FROM results JOIN captions ON captions.result_id = results.id AND captions.rank = :rank
-        LEFT JOIN attention_maps ON attention_maps.caption_id = captions.id
-        WHERE results.sha256 = :sha {where}
-        ORDER BY results.id DESC""", {"sha": image["sha256"], "rank": rank, "run": run}))
-    if not rows:
-        ranks = [r[0] for r in db.execute(
-            "SELECT DISTINCT rank FROM captions JOIN results ON results.id = captions.result_id WHERE sha256 = ?",
-            [image["sha256"]])]
-        raise SatError(f"No caption of rank {rank} for {image['path']}" + (f" (ranks stored: {sorted(ranks)})" if ranks else ""))
-    row = rows[0]
-    if row["data"] is None:
-        raise SatError(f"No attention maps stored for {image['path']} (it was captioned with --no-attention)")
-    return row, decode_attention(row)
 
 
 def smooth_map(alpha, size: tuple[int, int]):
-    """(gh, gw) attention -> (H, W) in [0, 1]: bicubic upsampling, then a Gaussian blur of about
-    a third of a grid cell (the paper's figures use skimage's pyramid_expand similarly)."""
+    """(gh, gw) attention -> (H, W) in [0, 1], scaled to the map's own peak (as the paper's figures
+    are): bicubic upsampling, then a Gaussian blur of about a third of a grid cell (the paper's
+    figures use skimage's pyramid_expand similarly). The figure prints each map's real peak
+    weight and entropy, since the scaling hides them."""
     import numpy as np
     from PIL import Image, ImageFilter
 
@@ -73,7 +23,8 @@ def smooth_map(alpha, size: tuple[int, int]):
     up = Image.fromarray(np.round(255 * a).astype(np.uint8), mode="L").resize((width, height), Image.Resampling.BICUBIC)
     radius = max(1.0, min(width / a.shape[1], height / a.shape[0]) / 3)
     out = np.asarray(up.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
-    out = out - out.min()
+    # Scaled to the peak, never stretched from the minimum: a diffuse map stays evenly lit
+    # instead of turning its small differences into a sharp-looking spot.
     return out / out.max() if out.max() > 0 else out
 
 
@@ -108,14 +59,38 @@ def render(image_path: str, words: list[str], maps, caption: str, out: str | Pat
     first = axes.flat[0]
     first.imshow(pixels)
     first.set_title(title or "image", fontsize=10)
+    from .pointing import map_stats
+
     for i, word in enumerate(words, start=1):
         ax = axes.flat[i]
-        light = smooth_map(maps[i - 1], img.size)[..., None]  # 1 where the model looked
+        light = smooth_map(maps[i - 1], img.size)[..., None]  # 1 at the map's own peak (per-map scaling)
         ax.imshow((pixels * (0.15 + 0.85 * light)).astype(np.uint8))  # the rest of the photo dims
         ax.set_title(word, fontsize=12)
+        peak, entropy = map_stats(maps[i - 1])  # so a diffuse map is never taken for a sharp one
+        ax.text(0.5, -0.02, f"peak {peak:.3f}  entropy {entropy:.2f}", transform=ax.transAxes, ha="center",
+                va="top", fontsize=8, color="#444444")
     fig.suptitle(caption, fontsize=13)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
     return out
+
+
+def show(db_path: str, selector: str, out: str | None = None, rank: int = 1, run: int | None = None,
+         columns: int = 5, panel: int = 224) -> tuple[Path, dict, list[str]]:
+    """`sat show`: find the image, read its caption and maps, draw the figure. Returns (PNG path,
+    caption row, words)."""
+    import json
+
+    from .queries import caption_with_attention, find_image
+    from .store import open_db
+
+    db = open_db(db_path, must_exist=True)
+    row = find_image(db, selector)
+    cap, maps = caption_with_attention(db, row, rank=rank, run=run)
+    words = json.loads(cap["tokens"])
+    target = out or f"{Path(row['path']).stem}.attention.png"
+    path = render(row["path"], words, maps, cap["text"], target, columns=columns, panel=panel,
+                  title=f"rank {rank}, score {cap['score']:.2f}")
+    return path, cap, words

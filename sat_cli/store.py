@@ -1,16 +1,17 @@
-"""The SQLite store: runs, images, results, captions and attention maps (see migrations.py)."""
+"""Writes to the SQLite store: runs, images, results, captions and attention maps (schema in
+migrations.py; reads in queries.py)."""
 
 from __future__ import annotations
 
 import json
 import platform
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import SatError
 from .migrations import apply_migrations
+from .records import Result
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -78,28 +79,6 @@ def open_db(path: str | Path, must_exist: bool = False):
     return db
 
 
-@dataclass
-class CaptionRecord:
-    rank: int
-    text: str
-    words: list[str]
-    logprob: float
-    score: float
-    finished: bool
-    attention: object = None  # (words, grid_h, grid_w) float16 numpy array, or None
-
-
-@dataclass
-class ImageRecord:
-    path: str
-    sha256: str | None = None
-    size: int | None = None
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
-    captions: list[CaptionRecord] = field(default_factory=list)  # empty: nothing new to store
-
-
 class Store:
     def __init__(self, db):
         self.db = db
@@ -145,16 +124,7 @@ class Store:
                 {"finished_at": now(), "status": status, "captioned": captioned, "skipped": skipped, "failed": failed},
             )
 
-    def results_of_run(self, run_id: int) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM results WHERE run_id = ?", [run_id]).fetchone()[0]
-
-    def done_hashes(self, fingerprint: str, settings_key: str) -> frozenset[str]:
-        rows = self.db.execute(
-            "SELECT sha256 FROM results WHERE model_fingerprint = ? AND settings_key = ?", [fingerprint, settings_key]
-        )
-        return frozenset(r[0] for r in rows)
-
-    def write_batch(self, run_id: int, records: list[ImageRecord], fingerprint: str, settings_key: str):
+    def write_batch(self, run_id: int, records: list[Result], fingerprint: str, settings_key: str):
         """Store one batch in one transaction: a crash loses this batch or nothing."""
         stamp = now()
         with self.write():
@@ -174,7 +144,7 @@ class Store:
                 if rec.captions:
                     self._replace_result(run_id, rec, fingerprint, settings_key, stamp)
 
-    def _replace_result(self, run_id, rec: ImageRecord, fingerprint, settings_key, stamp):
+    def _replace_result(self, run_id, rec: Result, fingerprint, settings_key, stamp):
         old = self.db.execute(
             "SELECT id FROM results WHERE sha256 = ? AND model_fingerprint = ? AND settings_key = ?",
             [rec.sha256, fingerprint, settings_key],
@@ -200,11 +170,3 @@ class Store:
                     "INSERT INTO attention_maps (caption_id, words, grid_h, grid_w, dtype, data) VALUES (?, ?, ?, ?, ?, ?)",
                     [caption_id, a.shape[0], a.shape[1], a.shape[2], "float16", a.astype("<f2").tobytes()],
                 )
-
-
-def decode_attention(row: dict):
-    """An attention_maps row -> (words, grid_h, grid_w) float32 numpy array."""
-    import numpy as np
-
-    arr = np.frombuffer(row["data"], dtype="<f2").astype(np.float32)
-    return arr.reshape(row["words"], row["grid_h"], row["grid_w"])

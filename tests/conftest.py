@@ -1,6 +1,13 @@
+import os
 from pathlib import Path
 
 import pytest
+
+
+
+def pytest_configure(config):
+    # Third-party plugins installed in this environment must not change what the tests see.
+    os.environ["SAT_NO_ENTRYPOINTS"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

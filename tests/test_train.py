@@ -18,7 +18,9 @@ from sat_cli.cli import cli
 from sat_cli.datasets import load_captions
 from sat_cli.errors import DataError
 from sat_cli.model import Decoder, DecoderConfig, attention_regularizer
-from sat_cli.train import TrainConfig, Trainer, caption_loss
+from sat_cli.training import TrainConfig
+from sat_cli.training.losses import caption_loss
+from sat_cli.training.trainer import Trainer
 from sat_cli.vocab import Vocab
 
 CAPTIONS = {
@@ -179,7 +181,7 @@ def test_sampled_rows_read_one_cell_and_its_log_probability():
 
 
 def test_hard_attention_loss_by_hand():
-    from sat_cli.train import hard_attention_loss
+    from sat_cli.training.losses import hard_attention_loss
 
     logits = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.5, 0.5]]))  # 3 predicted words, V = 2
     captions = torch.tensor([[9, 0, 1], [9, 1, 5]])  # row 0: targets 0, 1; row 1: target 1 then pad (5)
@@ -199,7 +201,7 @@ def test_hard_attention_loss_by_hand():
 def test_only_reinforce_trains_the_attention_of_sampled_captions(reinforce):
     """When every caption reads sampled cells, the word loss cannot reach the attention MLP (the
     choice is discrete): its gradient comes from the REINFORCE term alone."""
-    from sat_cli.train import caption_loss, hard_attention_loss
+    from sat_cli.training.losses import hard_attention_loss
 
     torch.manual_seed(0)
     dec = Decoder(DecoderConfig(vocab_size=10, encoder_dim=6, embed_dim=4, attention_dim=5, decoder_dim=7,
@@ -317,9 +319,8 @@ def test_feature_cache_keeps_float32_where_float16_overflows(tmp_path):
 class StopAfter:
     """Stands in for the Ctrl-C flag: 'pressed' after a number of training steps."""
 
-    steps = 0
-
-    def __init__(self):
+    def __init__(self, steps: int):
+        self.steps = steps
         self.reads = 0
 
     def __enter__(self):
@@ -329,25 +330,20 @@ class StopAfter:
         pass
 
     @property
-    def requested(self):
+    def requested(self) -> bool:
         self.reads += 1
-        return self.reads > StopAfter.steps
+        return self.reads > self.steps
 
 
-def test_stop_and_resume_continue_exactly(small_set, tmp_path, monkeypatch):
+def test_stop_and_resume_continue_exactly(small_set, tmp_path):
     straight = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "straight"), epochs=3))
     straight.setup()
     straight.run()
 
-    import sat_cli.train as train_module
-
-    StopAfter.steps = 7  # mid-way through the second epoch (4 steps an epoch)
-    monkeypatch.setattr(train_module, "StopFlag", StopAfter)
     cut = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "cut"), epochs=3))
     cut.setup()
-    summary = cut.run()
+    summary = cut.run(stop=StopAfter(7))  # mid-way through the second epoch (4 steps an epoch)
     assert summary["stopped"] and summary["epoch"] == 1 and summary["step"] == 3
-    monkeypatch.undo()
     resumed = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "cut"), epochs=3), resume=True)
     resumed.setup()
     assert resumed.state["step"] == 3

@@ -53,9 +53,37 @@ def test_show_writes_the_attention_figure(gallery_db, tmp_path):
     columns = min(5, len(words) + 1)
     assert fig.width >= 200 * columns  # a panel per word plus the image
     assert caption[0] in r.stderr
-    # panels differ: each word has its own map
-    arr = np.asarray(fig.convert("L"), dtype=np.float32)
-    assert arr.std() > 20
+
+
+def test_each_word_panel_lights_where_its_own_map_points(tmp_path):
+    """On a white photo, word 1 attends only the top-left cell and word 2 only the bottom-right:
+    each panel is bright where its own map points and dim elsewhere, and prints the real peak
+    weight and entropy (a uniform third word shows entropy 1.00, not a sharp map)."""
+    from sat_cli.show import render
+
+    photo = tmp_path / "white.png"
+    Image.new("RGB", (200, 200), "white").save(photo)
+    maps = np.zeros((3, 4, 4), dtype=np.float32)
+    maps[0, 0, 0] = maps[1, 3, 3] = 1.0
+    maps[2] = 1 / 16
+    out = render(str(photo), ["left", "right", "all"], maps, "left right all", tmp_path / "f.png", columns=4, panel=200)
+    arr = np.asarray(Image.open(out).convert("L"), dtype=np.float32)
+    dark = arr < 100  # the dimmed parts of the panels (the photo itself is white)
+    ys = np.flatnonzero(dark.sum(axis=1) > 150)  # rows through the panels (text rows have fewer dark pixels)
+    top, bottom = ys.min(), ys.max()
+    row = np.flatnonzero(dark[(top + bottom) // 2])  # the middle row crosses panels 1 and 2 in the dark
+    starts = row[np.r_[True, np.diff(row) > 1]]
+    left, step = starts[0], starts[1] - starts[0]  # panel 1's left edge, panel to panel
+    right = left + (bottom - top)  # square panels
+
+    def brightness(panel, cy, cx):  # mean of a window at (cy, cx), fractions of panel `panel`'s size
+        x0 = left + (panel - 1) * step + cx * (right - left)
+        y0 = top + cy * (bottom - top)
+        return float(arr[int(y0) - 5 : int(y0) + 5, int(x0) - 5 : int(x0) + 5].mean())
+
+    assert brightness(1, 0.1, 0.1) > 200 and brightness(1, 0.9, 0.9) < 80
+    assert brightness(2, 0.9, 0.9) > 200 and brightness(2, 0.1, 0.1) < 80
+    assert brightness(3, 0.1, 0.1) > 200 and brightness(3, 0.9, 0.9) > 200  # uniform: evenly lit, not a spot
 
 
 def test_show_selects_by_hash_prefix_row_id_and_rank(gallery_db, tmp_path):

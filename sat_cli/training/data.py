@@ -1,0 +1,55 @@
+"""Training data as tensors: every caption padded into one tensor, batches of captions of
+similar length, and (when the encoder is fine-tuned) the pixels of each batch."""
+
+from __future__ import annotations
+
+
+def tensor_captions(entries, vocab, max_len):
+    """All training captions as one padded tensor, with lengths and image indices."""
+    import torch
+
+    rows, image_index = [], []
+    for i, entry in enumerate(entries):
+        for tokens in entry.captions:
+            if tokens:
+                rows.append(vocab.encode(tokens, max_len))
+                image_index.append(i)
+    longest = max(len(r) for r in rows)
+    caps = torch.full((len(rows), longest), vocab.pad, dtype=torch.long)
+    for j, r in enumerate(rows):
+        caps[j, : len(r)] = torch.tensor(r)
+    lengths = torch.tensor([len(r) for r in rows])
+    return caps, lengths, torch.tensor(image_index)
+
+
+def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, rank: int = 0,
+                   world: int = 1) -> list[list[int]]:
+    """This rank's batches of caption indices for an epoch.
+
+    DistributedSampler shuffles (seeded by epoch) and shards; then captions of similar length
+    are grouped into batches within pools of 50 batches, and the batch order is shuffled, so
+    the recurrence runs ~12 steps a batch instead of the longest caption's ~20.
+    """
+    import random
+
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(len(lengths)), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=world > 1)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    pool = batch_size * 50
+    batches = []
+    for i in range(0, len(order), pool):
+        chunk = sorted(order[i : i + pool], key=lambda j: lengths[j])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    random.Random(seed * 100003 + epoch).shuffle(batches)
+    return batches
+
+
+def pixel_batches(paths: list[str], preprocess, groups, workers: int):
+    """The encoder's input for each group of image indices (fine-tuning: the encoder sees pixels)."""
+    from ..pipeline import load_batches
+
+    for _, pixels in load_batches(([paths[i] for i in g] for g in groups), preprocess, None, workers):
+        yield pixels
