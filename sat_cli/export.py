@@ -34,8 +34,12 @@ def _caption(row: dict, attention: bool) -> dict:
         "score": row["score"], "logprob": row["logprob"], "finished": bool(row["finished"]),
     }
     if attention and row.get("data") is not None:
+        from .gallery import map_stats_lists
+
         maps = decode_attention(row)
-        out["attention"] = {"shape": list(maps.shape), "maps": maps.round(4).tolist()}
+        peaks, entropies = map_stats_lists(maps)
+        out["attention"] = {"shape": list(maps.shape), "maps": maps.round(4).tolist(), "peak": peaks,
+                            "entropy": entropies}
     return out
 
 

@@ -62,6 +62,14 @@ def quantize(maps) -> str:
     return base64.b64encode(q.tobytes()).decode()
 
 
+def map_stats_lists(maps) -> tuple[list[float], list[float]]:
+    """Each map's real peak weight and entropy relative to uniform, shown beside the overlay."""
+    from .pointing import map_stats
+
+    stats = [map_stats(m) for m in maps]
+    return [round(p, 4) for p, _ in stats], [round(e, 3) for _, e in stats]
+
+
 def thumbnail(src: str, target: Path, size: int) -> bool:
     from PIL import Image, ImageOps
 
@@ -137,8 +145,10 @@ def export_html(db, out: str | Path, run: int | None = None, best: bool = False,
                     c = {"r": r["rank"], "x": r["text"], "wd": json.loads(r["tokens"]), "sc": r["score"],
                          "lp": r["logprob"], "f": bool(r["finished"])}
                     if r["data"] is not None and r["words"]:
+                        maps = decode_attention(r)
                         c["g"] = [r["grid_h"], r["grid_w"]]
-                        c["m"] = quantize(decode_attention(r))
+                        c["m"] = quantize(maps)
+                        c["pk"], c["en"] = map_stats_lists(maps)
                     rec["c"].append(c)
             page.append(rec)
             if len(page) >= page_size:

@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 
+import numpy as np
 import pytest
 import sqlite_utils
 from click.testing import CliRunner
@@ -62,6 +63,11 @@ def test_json_and_jsonl_group_captions_per_image(filled_db, tmp_path):
         for c in r.get("captions", []):
             assert c["attention"]["shape"] == [len(c["words"]), 2, 2]
             assert len(c["attention"]["maps"]) == len(c["words"])
+            for m, peak, ent in zip(c["attention"]["maps"], c["attention"]["peak"], c["attention"]["entropy"]):
+                p = np.asarray(m, dtype=np.float64).ravel()
+                p = p / p.sum()
+                assert peak == pytest.approx(max(map(max, m)), abs=1e-3)
+                assert ent == pytest.approx(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(4), abs=2e-3)
     export(filled_db, "--format", "json", "-o", str(tmp_path / "x.json"))
     assert json.loads((tmp_path / "x.json").read_text()) == data
 

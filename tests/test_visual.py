@@ -227,6 +227,19 @@ def test_html_gallery_in_a_real_browser(gallery_db, tmp_path):
             "let lo = 255, hi = 0; for (let i = 3; i < d.length; i += 4) { lo = Math.min(lo, d[i]); hi = Math.max(hi, d[i]); }"
             "return [c.width, lo, hi];", canvas)
         assert alpha[0] > 50 and alpha[2] > alpha[1]  # a map, not a flat wash
+        # beside it, the map's real peak weight and entropy (the overlay is scaled to its own peak)
+        stats = card.find_element(By.CSS_SELECTOR, ".mapstats")
+        assert stats.is_displayed()
+        db_map = sqlite_utils.Database(db).execute(
+            "SELECT words, grid_h, grid_w, data FROM attention_maps JOIN captions ON captions.id = caption_id "
+            "JOIN results ON results.id = result_id JOIN images USING (sha256) WHERE images.path = ? AND rank = 1",
+            [injected]).fetchone()
+        from sat_cli.pointing import map_stats
+        from sat_cli.queries import decode_attention
+
+        maps = decode_attention(dict(zip(("words", "grid_h", "grid_w", "data"), db_map)))
+        peak, entropy = map_stats(maps[1])
+        assert stats.text == f"{word.text}: peak {peak:.3f}, entropy {entropy:.2f} of uniform"
         # page 2 loads on demand
         browser.find_element(By.ID, "next").click()
         wait.until(lambda b: "page 2 of 2" in b.find_element(By.ID, "page-info").text)

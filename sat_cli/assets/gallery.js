@@ -96,6 +96,12 @@
     ctx.drawImage(small, 0, 0, w, h);
     canvas.style.display = "block";
     canvas.dataset.word = String(index);
+    var stats = card.querySelector(".mapstats");  // per-map scaling hides the real numbers: print them
+    if (stats && c.pk) {
+      stats.textContent = c.wd[index] + ": peak " + c.pk[index].toFixed(3) + ", entropy " + c.en[index].toFixed(2) +
+        " of uniform";
+      stats.hidden = false;
+    }
     card.querySelectorAll(".word.active").forEach(function (s) { s.classList.remove("active"); });
     span.classList.add("active");
   }
@@ -104,6 +110,8 @@
     var canvas = card.querySelector("canvas.overlay");
     if (canvas.dataset.pinned) return;
     canvas.style.display = "none";
+    var stats = card.querySelector(".mapstats");
+    if (stats) stats.hidden = true;
     card.querySelectorAll(".word.active").forEach(function (s) { s.classList.remove("active"); });
   }
 
@@ -148,6 +156,9 @@
       var canvas = el("canvas", "overlay");
       thumb.appendChild(canvas);
       thumb.addEventListener("dblclick", function () { delete canvas.dataset.pinned; hideWord(fig); });
+      var stats = el("div", "mapstats");  // over the thumbnail's foot: showing it moves nothing
+      stats.hidden = true;
+      thumb.appendChild(stats);
       fig.appendChild(thumb);
     }
     var body = el("figcaption", "body");

@@ -24,7 +24,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop=None) -> dict:
         trainer.setup()
         return trainer.run(stop)
     finally:
-        trainer.dist.close()
+        trainer.close()
 
 
 def report(cfg: TrainConfig, summary: dict) -> None:

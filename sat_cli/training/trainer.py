@@ -46,12 +46,15 @@ def split_entries(cfg: TrainConfig, say):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
+        from contextlib import ExitStack
+
         from ..runtime import Dist
 
         self.cfg = cfg
         self.resume = resume
         self.dist = Dist()
         self.out = Path(cfg.out)
+        self.scopes = ExitStack()  # settings held while training (TF32 off for fp32 on CUDA); close() ends them
 
     def say(self, message: str):
         if self.dist.main and not self.cfg.quiet:
@@ -67,7 +70,7 @@ class Trainer:
         from ..encoders import EncoderOptions, create_encoder
         from ..features import FeatureCache
         from ..model import Decoder, DecoderConfig
-        from ..runtime import default_workers, resolve_device, resolve_precision
+        from ..runtime import default_workers, precision_scope, resolve_device, resolve_precision
         from ..vocab import Vocab
         from .data import tensor_captions
         from .schedule import new_state, plateau
@@ -78,6 +81,7 @@ class Trainer:
             torch.cuda.set_device(device)
         self.device = device
         self.precision = resolve_precision(device, cfg.precision, training=True)
+        self.scopes.enter_context(precision_scope(device, self.precision))
         dist.init(device)
         torch.manual_seed(cfg.seed)
         train, val = split_entries(cfg, self.say)
@@ -145,6 +149,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(self.decoder, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def close(self):
+        self.scopes.close()
+        self.dist.close()
 
     def start_fine_tuning(self):
         import torch
