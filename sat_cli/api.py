@@ -97,7 +97,7 @@ class Captioner:
     def __call__(self, inputs, *, beam: int | None = None, n_best: int | None = None, max_len: int | None = None,
                  length_penalty: float | None = None, no_repeat_ngram: int | None = None,
                  settings: DecodeSettings | None = None, batch_size: int = 64, workers: int = 0,
-                 attention: bool = True, recursive: bool = True) -> list[Result]:
+                 attention: bool = True, recursive: bool = True, read_timeout: float | None = None) -> list[Result]:
         """Caption ``inputs`` (one or a list of: file paths, folders, glob patterns, PIL images,
         uint8 numpy arrays (H, W[, 3|4])) and return one Result per image, in input order (a
         folder gives its images in place). A file that cannot be read gives a Result with
@@ -108,15 +108,17 @@ class Captioner:
         """
         return list(self.stream(inputs, beam=beam, n_best=n_best, max_len=max_len, length_penalty=length_penalty,
                                 no_repeat_ngram=no_repeat_ngram, settings=settings, batch_size=batch_size,
-                                workers=workers, attention=attention, recursive=recursive))
+                                workers=workers, attention=attention, recursive=recursive,
+                                read_timeout=read_timeout))
 
     def stream(self, inputs, *, beam: int | None = None, n_best: int | None = None, max_len: int | None = None,
                length_penalty: float | None = None, no_repeat_ngram: int | None = None,
                settings: DecodeSettings | None = None, batch_size: int = 64, workers: int = 0,
-               attention: bool = True, recursive: bool = True) -> Iterator[Result]:
+               attention: bool = True, recursive: bool = True, read_timeout: float | None = None) -> Iterator[Result]:
         """Like calling the captioner, but lazily: inputs are read and results yielded a batch at
         a time, so a million files never sit in memory. ``workers`` > 0 decodes images in that
-        many processes while the model runs.
+        many processes while the model runs. A file whose read stalls for ``read_timeout`` seconds
+        (default 60) is given up as an error.
 
         >>> for r in cap.stream(Path("archive").rglob("*.jpg"), batch_size=64, workers=4):
         ...     print(r.path, r.text)
@@ -128,17 +130,20 @@ class Captioner:
         sources = expand(_as_list(inputs) if not isinstance(inputs, Iterator) else inputs, recursive)
         with precision_scope(self.device, self.precision):
             for batch in caption_batches(self.model, sources, settings, batch_size=batch_size, workers=workers,
-                                         attention=attention):
+                                         attention=attention, read_timeout=read_timeout):
                 yield from batch
 
     def to_db(self, db: str | Path, inputs, *, beam: int | None = None, n_best: int | None = None,
               max_len: int | None = None, length_penalty: float | None = None, no_repeat_ngram: int | None = None,
               settings: DecodeSettings | None = None, batch_size: int = 64, workers: int | None = None,
               attention: bool = True, recursive: bool = True, force: bool = False, progress: bool = False,
-              on_result: Callable[[Result], None] | None = None):
+              on_result: Callable[[Result], None] | None = None, read_timeout: float | None = None,
+              db_timeout: float = 60.0):
         """What `sat caption` does: caption files, folders and globs into the SQLite database ``db``
         (created if missing), skipping content already captioned with this model and settings
         (``force`` redoes it). Returns the run's Summary (run_id, captioned, skipped, failed...).
+        ``db_timeout``: seconds to wait for another program's lock on the database before giving
+        up with a StorageError (nothing is lost; run again).
 
         >>> summary = cap.to_db("out.db", ["photos/"], beam=3)
         >>> summary.captioned, summary.failed
@@ -154,7 +159,8 @@ class Captioner:
                            "itself for in-memory images)")
         settings = settings or self.settings(beam, n_best, max_len, length_penalty, no_repeat_ngram)
         options = CaptionOptions(batch_size=batch_size, workers=workers, force=force, attention=attention,
-                                 recursive=recursive, quiet=not progress)
+                                 recursive=recursive, quiet=not progress, read_timeout=read_timeout,
+                                 db_timeout=db_timeout)
         with precision_scope(self.device, self.precision):
             return caption_to_db(self.model, [os.fspath(p) for p in paths], str(db), settings, options,
                                  on_result=on_result)

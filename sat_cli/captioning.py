@@ -4,6 +4,7 @@ store each batch in one transaction, skip what is stored, and report the run."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,8 @@ class CaptionOptions:
     attention: bool = True  # store per-word attention maps
     recursive: bool = True
     quiet: bool = False
+    read_timeout: float | None = None  # seconds before a stalled file read is given up (None: 60)
+    db_timeout: float = 60.0  # seconds to wait for another program's lock on the database
 
 
 @dataclass
@@ -58,7 +61,7 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
     missing = [f for f in found if f.error] if dist.rank == 0 else []
     paths = [f.path for f in found if not f.error][dist.rank :: dist.world]
     fingerprint, key = model.fingerprint, settings.key()
-    db = open_db(db_path)
+    db = open_db(db_path, timeout=options.db_timeout)
     store = Store(db)
     run_id = store.start_run(
         model_path=model.path, model_fingerprint=fingerprint, encoder=model.encoder_spec,
@@ -85,7 +88,8 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
         task = progress.add_task("Captioning", total=len(paths), status="")
         try:
             for results in caption_batches(model, paths, settings, batch_size=options.batch_size, workers=workers,
-                                           attention=options.attention, skip=done, dedupe=True):
+                                           attention=options.attention, skip=done, dedupe=True,
+                                           read_timeout=options.read_timeout):
                 for r in results:
                     if r.error:
                         fail(r.path, r.error)
@@ -105,13 +109,20 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
             raise
         finally:
             summary.seconds = time.perf_counter() - started
-            # What is stored, not what was counted: a signal can land between a batch's commit
-            # and the count that follows it.
-            summary.captioned = results_of_run(db, run_id)
-            if status == "done" and summary.failed:
-                status = "done_with_errors"
-            store.finish_run(run_id, status, summary.captioned, summary.skipped, summary.failed)
-            db.close()
+            try:
+                # What is stored, not what was counted: a signal can land between a batch's commit
+                # and the count that follows it.
+                summary.captioned = results_of_run(db, run_id)
+                if status == "done" and summary.failed:
+                    status = "done_with_errors"
+                store.finish_run(run_id, status, summary.captioned, summary.skipped, summary.failed)
+            except (SatError, sqlite3.Error):
+                if status != "failed":  # the run itself went well: its end cannot be recorded
+                    raise
+                # already failing (a full disk, a lock): that error is the one to report; the run
+                # row stays "running" and the next run resumes from what was stored
+            finally:
+                db.close()
     return summary
 
 
@@ -124,7 +135,11 @@ def report(summary: Summary, db_path: str, console) -> None:
         f"[{'red' if summary.failed else 'green'}]{summary.failed} failed[/] "
         f"in {summary.seconds:.1f}s ({rate:.1f} images/s) -> {db_path} (run {summary.run_id})"
     )
+    from rich.markup import escape
+
+    from .paths import printable
+
     for path, error in summary.failures[:10]:
-        console.print(f"  [red]failed[/] {path}: {error}", highlight=False)
+        console.print(f"  [red]failed[/] {escape(printable(path))}: {escape(printable(error))}", highlight=False)
     if summary.failed > 10:
         console.print(f"  ... and {summary.failed - 10} more: sat export {db_path} --format csv | grep failed")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import __version__, cli_models
+from . import __version__, cli_import, cli_models
 from .cli_options import DEVICE, PRECISION, decode_options, settings_for
 from .errors import SatError
 
@@ -18,10 +18,16 @@ class SatGroup(click.Group):
     """Turns SatError into a clean message (no traceback) and exit status 2."""
 
     def invoke(self, ctx):
+        import sqlite3
+
         try:
             return super().invoke(ctx)
         except SatError as exc:
             raise UserError(str(exc)) from exc
+        except sqlite3.DatabaseError as exc:  # a read that met a damaged or locked database
+            from .store import storage_error
+
+            raise UserError(str(storage_error(exc, "the database"))) from exc
 
 
 @click.group(cls=SatGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,10 +68,15 @@ def cli():
 @click.option("--force", is_flag=True, help="Caption again images already captioned with this model and settings.")
 @click.option("--no-attention", is_flag=True, help="Do not store the per-word attention maps.")
 @click.option("--no-recursive", is_flag=True, help="Do not descend into subfolders.")
-@click.option("--print", "print_captions", is_flag=True, help="Also write 'path<TAB>best caption' lines to stdout.")
+@click.option("--read-timeout", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds a single file may take to read before it is given up as failed (a dead network mount).")
+@click.option("--db-timeout", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds to wait while another program holds the database's write lock.")
+@click.option("--print", "print_captions", is_flag=True,
+              help="Also write 'path<TAB>best caption' lines to stdout (paths escaped as in TSV exports).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def caption(paths, db_path, model_path, encoder_weights, batch_size, device, precision, workers, force, no_attention,
-            no_recursive, print_captions, quiet, **decode):
+            no_recursive, read_timeout, db_timeout, print_captions, quiet, **decode):
     """Caption images and store the results in an SQLite database.
 
     PATHS are image files, folders (walked recursively, image extensions only, hidden entries
@@ -96,13 +107,16 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
     cap = load(model_path, device=device, precision=precision, encoder_weights=encoder_weights)
     settings = settings_for(cap.model.decode_defaults(), decode)
 
-    def show(result):
+    from .paths import tsv_field
+
+    def show(result):  # one line per image whatever its name holds (TSV escapes, as sat export)
         if result.captions:
-            click.echo(f"{result.path}\t{result.captions[0].text}")
+            click.echo(f"{tsv_field(result.path)}\t{result.captions[0].text}")
 
     summary = cap.to_db(db_path, list(paths), settings=settings, batch_size=batch_size, workers=workers,
                         attention=not no_attention, recursive=not no_recursive, force=force, progress=not quiet,
-                        on_result=show if print_captions else None)
+                        on_result=show if print_captions else None, read_timeout=read_timeout,
+                        db_timeout=db_timeout)
     if not quiet:
         report(summary, db_path, console)
     sys.exit(summary.exit_code)
@@ -211,5 +225,5 @@ def encoders(as_json):
     print_families(as_json)
 
 
-for command in (cli_models.train, cli_models.average, cli_models.eval_command):
+for command in (cli_models.train, cli_models.average, cli_models.eval_command, cli_import.import_group):
     cli.add_command(command)

@@ -51,6 +51,10 @@ def _grouped(rows, attention: bool) -> Iterator[dict]:
             "path": first["path"], "sha256": first["sha256"], "width": first["width"], "height": first["height"],
             "status": first["status"],
         }
+        if first["path_bytes"] is not None and first["path_bytes"] != first["path"].encode():
+            import base64
+
+            record["path_bytes"] = base64.b64encode(first["path_bytes"]).decode()  # the exact name, not UTF-8
         if first["status"] == "failed":
             record["error"] = first["error"]
         else:
@@ -75,9 +79,11 @@ def export(db, fmt: str, run: int | None = None, best: bool = False, failed: boo
         yield from _coco(db, run)
         return
     rows = caption_rows(db, run, best, failed, attention and fmt in ("json", "jsonl"))
-    if fmt in ("csv", "tsv"):
+    if fmt == "tsv":
+        yield from _tsv(rows)
+    elif fmt == "csv":
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, FLAT_COLUMNS, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
+        writer = csv.DictWriter(buf, FLAT_COLUMNS, lineterminator="\n")  # RFC 4180 quoting: commas, quotes, newlines
         writer.writeheader()
         for row in rows:
             writer.writerow(_flat(row))
@@ -94,6 +100,26 @@ def export(db, fmt: str, run: int | None = None, best: bool = False, failed: boo
         for i, record in enumerate(_grouped(rows, attention)):
             yield ("," if i else "") + "\n  " + json.dumps(record)
         yield "\n]\n"
+
+
+def _tsv(rows) -> Iterator[str]:
+    """Tab-separated, one line per row, nothing quoted: backslash, tab, newline, carriage return,
+    other control characters and the bytes of a name that are not UTF-8 are escaped
+    (``\\\\ \\t \\n \\r \\xNN``, as PostgreSQL's text format), so every row is one line and the
+    exact file name can be recovered."""
+    from .paths import tsv_field
+    from .queries import fs_path
+
+    lines = ["\t".join(FLAT_COLUMNS)]
+    for row in rows:
+        flat = _flat(row)
+        flat["path"] = fs_path(row)
+        lines.append("\t".join(tsv_field(flat[c]) for c in FLAT_COLUMNS))
+        if len(lines) >= 512:
+            yield "\n".join(lines) + "\n"
+            lines = []
+    if lines:
+        yield "\n".join(lines) + "\n"
 
 
 def _coco(db, run: int | None) -> Iterator[str]:

@@ -95,7 +95,7 @@ def thumbnail(src: str, target: Path, size: int) -> bool:
 def export_html(db, out: str | Path, run: int | None = None, best: bool = False, page_size: int = 100,
                 thumb_size: int = 320, quiet: bool = False, title: str | None = None) -> Path:
     from .progress import progress_bar
-    from .queries import caption_rows, decode_attention
+    from .queries import caption_rows, decode_attention, fs_path
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -135,7 +135,7 @@ def export_html(db, out: str | Path, run: int | None = None, best: bool = False,
                 counts["captioned"] += 1
                 sha = first["sha256"]
                 thumb = Path("thumbs") / sha[:2] / f"{sha}.jpg"
-                if thumbnail(first["path"], out / thumb, thumb_size):
+                if thumbnail(fs_path(first), out / thumb, thumb_size):
                     rec["t"] = thumb.as_posix()
                 rec["r"] = first["run_id"]
                 rec["c"] = []

@@ -2,70 +2,139 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import io
 import os
+import stat
+import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from .formats import RAW_EXTENSIONS, open_photo
 from .records import Result
 
 IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .jp2 .avif .heic".split()
-)
+    ".jpg .jpeg .jpe .jfif .png .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .jp2 .avif .heic .heif .hif"
+    .split()
+) | RAW_EXTENSIONS  # HEIC/HEIF through pillow-heif, camera RAW through rawpy (formats.py)
 _GLOB_CHARS = set("*?[")
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 @dataclass
 class Found:
-    path: str  # absolute path
+    path: str  # absolute path (undecodable bytes of the name as surrogate escapes)
     error: str | None = None  # set when the argument names nothing readable
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[str]:
-    for root, dirs, files in os.walk(folder):
+READ_TIMEOUT = 60.0  # seconds a single file may take to read before it is given up (a dead network mount)
+_KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+
+
+def why_not_regular(path: str) -> str | None:
+    """Why ``path`` is not a regular file to open (None when it is), from ``stat`` alone: named
+    pipes, sockets and devices (and symbolic links to them) would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "no such file or directory"
+    except OSError as exc:
+        return "symbolic link loop" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'a special file')}): not opened"
+
+
+def _walk(folder: str, recursive: bool) -> Iterator[Found]:
+    problems: list[OSError] = []
+    for root, dirs, files in os.walk(folder, onerror=problems.append):  # symbolic links to folders: not followed
+        while problems:
+            exc = problems.pop(0)
+            yield Found(os.path.abspath(exc.filename or root), f"cannot read this folder: {exc.strerror or exc}")
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in sorted(files):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield os.path.join(root, name)
+                full = os.path.join(root, name)
+                yield Found(full, why_not_regular(full))
+    for exc in problems:  # the folder itself could not be listed
+        yield Found(os.path.abspath(exc.filename or folder), f"cannot read this folder: {exc.strerror or exc}")
 
 
 def discover(inputs: list[str], recursive: bool = True, unique: bool = True) -> Iterator[Found]:
-    """Files, folders (walked, image extensions only, hidden entries skipped) and glob patterns,
-    in a stable order, each path once (``unique``). An argument that matches nothing yields an
-    error entry."""
+    """Files, folders (walked, image extensions only, hidden entries skipped, symbolic links to
+    folders not followed) and glob patterns, in a stable order, each path once (``unique``).
+    Entries that cannot be read (special files, broken links, link loops, unreadable folders,
+    an argument that matches nothing) come with their ``error``; nothing here opens a file."""
     seen: set[str] = set()
 
-    def emit(path: str) -> Iterator[Found]:
-        path = os.path.abspath(path)
-        if not unique or path not in seen:
-            seen.add(path)
-            yield Found(path)
+    def emit(found: Found) -> Iterator[Found]:
+        found.path = os.path.abspath(found.path)
+        if not unique or found.path not in seen:
+            seen.add(found.path)
+            yield found
 
     for arg in inputs:
-        p = Path(arg).expanduser()
-        if p.is_dir():
-            for f in _walk(p, recursive):
+        arg = os.fspath(arg)
+        path = os.path.expanduser(arg)
+        if os.path.isdir(path):
+            for f in _walk(path, recursive):
                 yield from emit(f)
-        elif p.is_file():
-            yield from emit(str(p))
+        elif os.path.lexists(path):
+            yield from emit(Found(path, why_not_regular(path)))
         elif _GLOB_CHARS & set(arg):
-            matches = sorted(glob.glob(os.path.expanduser(arg), recursive=True))
-            files = [m for m in matches if os.path.isfile(m)]
-            for d in (m for m in matches if os.path.isdir(m)):
-                files.extend(_walk(Path(d), recursive))
-            if not files:
+            matches = sorted(glob.glob(path, recursive=True))
+            if not matches:
                 yield Found(os.path.abspath(arg), "no files match this pattern")
-            for f in files:
-                yield from emit(f)
+            for m in matches:
+                for f in (_walk(m, recursive) if os.path.isdir(m) else [Found(m, why_not_regular(m))]):
+                    yield from emit(f)
         else:
             yield Found(os.path.abspath(arg), "no such file or directory")
+
+
+def _read_all(path: str) -> bytes:
+    """Open without blocking (a named pipe put in the file's place since it was found would block
+    ``open`` forever), check that it is a regular file, read it whole."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'a special file')})")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: str, timeout: float | None = READ_TIMEOUT) -> bytes:
+    """A file's bytes. The read runs in a helper thread that is abandoned after ``timeout``
+    seconds (TimeoutError): a stalled network mount costs one file, not the run."""
+    if not timeout:
+        return _read_all(path)
+    box: dict = {}
+
+    def work():
+        try:
+            box["data"] = _read_all(path)
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    reader = threading.Thread(target=work, name="sat-read", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        raise TimeoutError(f"reading the file stalled for more than {timeout:g} s (a dead network mount?): given up")
+    if "error" in box:
+        raise box["error"]
+    return box["data"]
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -93,9 +162,9 @@ def load_image(source, size: tuple[int, int], interpolation: str = "bicubic") ->
     (height, width). Returns (H, W, 3) uint8 and the original (width, height). Pillow's
     decompression-bomb guard stays on: an oversized image raises ``Image.DecompressionBombError``."""
     height, width = size
-    with Image.open(source) as im:
+    with open_photo(source) as im:  # Image.open, plus HEIC and camera RAW
         im.seek(0)  # the first frame of an animation
-        w, h = im.size
+        w, h = im.info.get("full_size", im.size)  # a RAW file's sensor size, not its preview's
         orig = (h, w) if _rotated(im) else (w, h)
         if im.format == "JPEG":
             side = max(width, height)  # either orientation must still cover the target size
@@ -110,12 +179,17 @@ def _rotated(im: Image.Image) -> bool:
 
 
 def describe_error(exc: BaseException) -> str:
+    """A one-line reason for a failed file, never holding raw bytes of its name."""
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"image too large (Pillow's decompression-bomb guard): {exc}"
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not an image Pillow can read (unknown or corrupt format)"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, OSError) else text
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, TimeoutError):
+        text = exc.strerror  # without the file name: the row already holds it
+    else:
+        text = str(exc) or type(exc).__name__
+        text = text if isinstance(exc, OSError) else f"{type(exc).__name__}: {text}"
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def array_image(arr: np.ndarray) -> Image.Image:
@@ -141,21 +215,23 @@ class Sources:
     is known, else decoded and resized; a PIL image or uint8 array is converted and resized. Any
     failure becomes ``Result.error``, never an exception. Runs in DataLoader workers."""
 
-    def __init__(self, size: tuple[int, int], interpolation: str = "bicubic", skip: frozenset[str] = frozenset()):
+    def __init__(self, size: tuple[int, int], interpolation: str = "bicubic", skip: frozenset[str] = frozenset(),
+                 read_timeout: float | None = READ_TIMEOUT):
         self.size = size
         self.interpolation = interpolation
         self.skip = skip
+        self.read_timeout = read_timeout
 
     def __getitem__(self, key) -> Result:
         index, source = key
         if is_image_object(source):
             return self._memory(index, source)
-        if isinstance(source, Found):  # an argument that named nothing readable
+        if isinstance(source, Found):  # found, but not something to open
             return Result(source.path, error=source.error, index=index)
         path = os.fspath(source)
         try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
+            data = read_file(path, self.read_timeout)
+        except OSError as exc:  # gone, unreadable, no longer a regular file, stalled (TimeoutError)
             return Result(path, error=describe_error(exc), index=index)
         item = Result(path, sha256=hashlib.sha256(data).hexdigest(), size=len(data), index=index)
         if item.sha256 in self.skip:

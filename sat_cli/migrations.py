@@ -1,7 +1,8 @@
 """Numbered schema migrations, applied in order whenever a database is opened.
 
-Each migration is idempotent (``if_not_exists``), so one cut short by a crash completes on the
-next open. A released migration is never edited: a change to the schema is a new function.
+Each migration runs in a transaction and is idempotent (``if_not_exists``), so one cut short by
+a crash leaves nothing half done and runs again on the next open. A released migration is never
+edited: a change to the schema is a new function.
 """
 
 from __future__ import annotations
@@ -109,6 +110,52 @@ def m001_initial(db):
     db["captions"].enable_fts(["text"], create_triggers=True, tokenize="porter", replace=True)
 
 
+@migration
+def m002_metadata_writes(db):
+    """metadata_writes: each description sat wrote into a photo (embed) or its XMP sidecar: where,
+    when, which caption, what it replaced, so `sat metadata --remove`, --dry-run and reruns are exact."""
+    db["metadata_writes"].create(
+        {
+            "id": int,
+            "image_id": int,
+            "target": str,  # the file written: the sidecar, or the photo itself (text form)
+            "target_bytes": bytes,  # its exact name (the key)
+            "kind": str,  # sidecar | embed
+            "status": str,  # written | removed
+            "caption": str,  # the description sat wrote
+            "result_id": int,
+            "run_id": int,  # the run whose caption it is
+            "model_fingerprint": str,
+            "settings_key": str,
+            "score": float,
+            "sat_version": str,
+            "written_at": str,
+            "removed_at": str,
+            "created_file": int,  # 1: sat created this sidecar (--remove deletes it when nothing else is left)
+            "previous": str,  # JSON {field: value} of what sat replaced (restored by --remove)
+            "backup": str,  # the copy --backup kept, if any
+            "file_sha256": str,  # the target's content right after sat wrote it
+        },
+        pk="id",
+        foreign_keys=[("image_id", "images", "id")],
+        if_not_exists=True,
+    )
+    db["metadata_writes"].create_index(["target_bytes"], unique=True, if_not_exists=True)
+    db["metadata_writes"].create_index(["image_id"], if_not_exists=True)
+
+
+@migration
+def m003_path_bytes(db):
+    """images.path_bytes: the exact bytes of each file name, the images key (a Linux name need not
+    be UTF-8); images.path keeps a readable text form (each byte that is not UTF-8 as \\xNN)."""
+    if "path_bytes" not in db["images"].columns_dict:
+        db.execute("ALTER TABLE images ADD COLUMN path_bytes BLOB")
+    db.execute("UPDATE images SET path_bytes = CAST(path AS BLOB) WHERE path_bytes IS NULL")
+    db.execute("DROP INDEX IF EXISTS idx_images_path")
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS idx_images_path_bytes ON images (path_bytes)")
+    db.execute("CREATE INDEX IF NOT EXISTS idx_images_path ON images (path)")
+
+
 def apply_migrations(db) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     table = db["_sat_migrations"]
@@ -117,8 +164,19 @@ def apply_migrations(db) -> list[str]:
     applied = []
     for fn in MIGRATIONS:
         if fn.__name__ not in done:
-            fn(db)
-            table.insert({"name": fn.__name__, "applied_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-                         ignore=True)  # another process may have applied it at the same moment
+            # One transaction per migration where SQLite allows it (DDL is transactional): a process
+            # killed in the middle leaves the database as it was, and the next open runs it again.
+            conn = db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                fn(db)
+                db.execute("INSERT OR IGNORE INTO _sat_migrations (name, applied_at) VALUES (?, ?)",
+                           [fn.__name__, datetime.now(timezone.utc).isoformat(timespec="seconds")])
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if conn.in_transaction:
+                conn.execute("COMMIT")
             applied.append(fn.__name__)
     return applied

@@ -36,15 +36,17 @@ def decode_settings(defaults: dict, beam: int | None = None, n_best: int | None 
 
 
 def load_batches(sources: Iterable, preprocess, batch_size: int | None, workers: int = 0,
-                 skip: frozenset[str] = frozenset(), pin_memory: bool = False) -> Iterator[tuple[list[Result], object]]:
+                 skip: frozenset[str] = frozenset(), pin_memory: bool = False,
+                 read_timeout: float | None = None) -> Iterator[tuple[list[Result], object]]:
     """Decode and resize ``sources`` (paths, PIL images or uint8 arrays; read lazily) in ``workers``
     processes, in order, ``batch_size`` at a time (None: ``sources`` is already an iterable of
     batches). Yields (results, pixels): ``pixels`` is (N, 3, H, W) uint8 for the results that have
     a ``row`` (None when none of the batch could be decoded); the others carry an ``error`` or are
-    ``skipped`` (content in ``skip``)."""
+    ``skipped`` (content in ``skip``). A file read that stalls for ``read_timeout`` seconds
+    (default: ``images.READ_TIMEOUT``) is given up as an error."""
     from torch.utils.data import DataLoader
 
-    from .images import Sources, collate
+    from .images import READ_TIMEOUT, Sources, collate
 
     if batch_size is None:
         counter = itertools.count()
@@ -52,7 +54,8 @@ def load_batches(sources: Iterable, preprocess, batch_size: int | None, workers:
     else:
         keyed = enumerate(sources)
         batches = iter(lambda: list(itertools.islice(keyed, batch_size)), [])  # lazily: a million files are fine
-    loader = DataLoader(Sources(preprocess.size, preprocess.interpolation, skip), batch_sampler=batches,
+    timeout = READ_TIMEOUT if read_timeout is None else read_timeout
+    loader = DataLoader(Sources(preprocess.size, preprocess.interpolation, skip, timeout), batch_sampler=batches,
                         num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
                         prefetch_factor=4 if workers else None)
     yield from loader
@@ -74,8 +77,9 @@ def decode(model, features, settings: DecodeSettings, attention: bool = True) ->
     from .beam import beam_search
 
     vocab = model.vocab
+    block = getattr(model, "decode_defaults", dict)().get("block_specials", True)  # False: imported models
     hyps = beam_search(model.decoder, features, settings, start=vocab.start, end=vocab.end,
-                       blocked=(vocab.pad, vocab.start, vocab.unk), attention=attention)
+                       blocked=(vocab.pad, vocab.start, vocab.unk) if block else (), attention=attention)
     grid = model.grid if attention else None
     return [to_captions(h, vocab, grid) for h in hyps]
 
@@ -99,7 +103,7 @@ def best_text(captions: list[Caption]) -> str:
 
 def caption_batches(model, sources: Iterable, settings: DecodeSettings, *, batch_size: int = 64,
                     workers: int = 0, attention: bool = True, skip: frozenset[str] = frozenset(),
-                    dedupe: bool = False) -> Iterator[list[Result]]:
+                    dedupe: bool = False, read_timeout: float | None = None) -> Iterator[list[Result]]:
     """Caption ``sources`` a batch at a time with ``model`` (a :class:`~sat_cli.checkpoint.Checkpoint`
     ready for inference: device, precision). Every input gets a Result, in order: captioned, failed
     (``error``) or skipped (its content is in ``skip``, or with ``dedupe`` was captioned earlier in
@@ -107,7 +111,7 @@ def caption_batches(model, sources: Iterable, settings: DecodeSettings, *, batch
     device, precision = model.device, model.precision
     seen: set[str] = set()
     for results, pixels in load_batches(sources, model.preprocess, batch_size, workers, skip,
-                                        pin_memory=device.type == "cuda"):
+                                        pin_memory=device.type == "cuda", read_timeout=read_timeout):
         fresh = []
         for r in results:
             if r.error or r.skipped:

@@ -15,6 +15,14 @@ SEARCH_HELP = (
 )
 
 
+def fs_path(row: dict) -> str:
+    """The path that opens an images row's file again (its exact stored bytes)."""
+    from .paths import from_bytes
+
+    raw = row.get("path_bytes")
+    return from_bytes(raw) if raw is not None else row["path"]
+
+
 def decode_attention(row: dict):
     """An attention_maps row -> (words, grid_h, grid_w) float32 numpy array."""
     import numpy as np
@@ -58,7 +66,7 @@ def caption_rows(db, run: int | None = None, best: bool = False, failed: bool = 
     if failed:
         keep.append("(images.status = 'failed'" + (" AND images.run_id = :run)" if run is not None else ")"))
     sql = f"""
-        SELECT images.id AS image_id, images.path, images.sha256, images.width, images.height,
+        SELECT images.id AS image_id, images.path, images.path_bytes, images.sha256, images.width, images.height,
                images.status, images.error, results.id AS result_id, results.run_id,
                results.model_fingerprint, results.settings_key,
                captions.id AS caption_id, captions.rank, captions.text, captions.tokens,
@@ -78,10 +86,10 @@ def best_captions(db, run: int | None = None) -> dict[str, str]:
     """Best stored caption per image path (one model and settings: pick it with run)."""
     one_result_set(db, run, "scoring")
     where = "AND results.run_id = :run" if run is not None else ""
-    rows = db.query(f"""SELECT images.path, captions.text FROM images
+    rows = db.query(f"""SELECT images.path, images.path_bytes, captions.text FROM images
                         JOIN results ON results.sha256 = images.sha256 {where}
                         JOIN captions ON captions.result_id = results.id AND captions.rank = 1""", {"run": run})
-    return {r["path"]: r["text"] for r in rows}
+    return {fs_path(r): r["text"] for r in rows}
 
 
 def search(db, query: str, limit: int = 20, run: int | None = None, rank: int | None = None) -> list[dict]:
@@ -94,7 +102,8 @@ def search(db, query: str, limit: int = 20, run: int | None = None, rank: int | 
     if rank is not None:
         where.append("captions.rank = :rank")
     sql = f"""
-        SELECT images.id AS image_id, images.path, captions.rank, captions.text AS caption, captions.score,
+        SELECT images.id AS image_id, images.path, images.path_bytes, captions.rank, captions.text AS caption,
+               captions.score,
                results.run_id AS run, bm25(captions_fts) AS relevance
         FROM captions_fts
         JOIN captions ON captions.id = captions_fts.rowid
@@ -112,10 +121,12 @@ def search(db, query: str, limit: int = 20, run: int | None = None, rank: int | 
 
 def find_image(db, selector: str) -> dict:
     """An images row by path (full, relative or unique suffix), sha256 prefix or row id."""
+    from .paths import to_bytes
+
     rows = []
     p = Path(selector).expanduser()
-    exact = list(db["images"].rows_where("path = ?", [str(p.resolve())])) or list(
-        db["images"].rows_where("path = ?", [str(p.absolute())]))
+    exact = [r for candidate in {str(p.resolve()), str(p.absolute())}
+             for r in db["images"].rows_where("path_bytes = ?", [to_bytes(candidate)])]
     if exact:
         return exact[0]
     if selector.isdigit():

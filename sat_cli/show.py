@@ -44,7 +44,9 @@ def render(image_path: str, words: list[str], maps, caption: str, out: str | Pat
         with Image.open(image_path) as im:
             img = to_rgb(ImageOps.exif_transpose(im))
     except OSError as exc:
-        raise SatError(f"Cannot open {image_path}: {exc}") from None
+        from .paths import printable
+
+        raise SatError(f"Cannot open {printable(image_path)}: {exc.strerror or exc}") from None
     scale = panel / max(img.size)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
     pixels = np.asarray(img)
@@ -83,14 +85,15 @@ def show(db_path: str, selector: str, out: str | None = None, rank: int = 1, run
     caption row, words)."""
     import json
 
-    from .queries import caption_with_attention, find_image
+    from .queries import caption_with_attention, find_image, fs_path
     from .store import open_db
 
     db = open_db(db_path, must_exist=True)
     row = find_image(db, selector)
     cap, maps = caption_with_attention(db, row, rank=rank, run=run)
     words = json.loads(cap["tokens"])
+    image = fs_path(row)
     target = out or f"{Path(row['path']).stem}.attention.png"
-    path = render(row["path"], words, maps, cap["text"], target, columns=columns, panel=panel,
+    path = render(image, words, maps, cap["text"], target, columns=columns, panel=panel,
                   title=f"rank {rank}, score {cap['score']:.2f}")
     return path, cap, words

@@ -34,8 +34,37 @@ def migration_lock(path: Path):
     return FileLock(str(Path(tempfile.gettempdir()) / f"sat-db-{key}.lock"), timeout=120)
 
 
-def open_db(path: str | Path, must_exist: bool = False):
-    """Open (or create) a sat database: WAL journal, foreign keys, migrations applied."""
+class StorageError(SatError):
+    """The database cannot be written or read: full disk, lock, read-only, damage."""
+
+
+def storage_error(exc: Exception, path, timeout: float = 60.0) -> StorageError:
+    """One clear message for an SQLite failure, saying what happened to the data and what to do."""
+    msg = str(exc)
+    low = msg.lower()
+    if "full" in low or "disk i/o" in low:
+        text = (f"Cannot write {path}: the disk or the file-size limit is full ({msg}). Nothing of the batch in "
+                "flight was stored and the database is as it was before it; free some space and run the same "
+                "command again to resume.")
+    elif "locked" in low or "busy" in low:
+        text = (f"{path} is locked by another program: waited {timeout:g} s for it ({msg}). Close that program "
+                "(or wait longer with --db-timeout) and run again; nothing was lost.")
+    elif "readonly" in low or "read-only" in low:
+        text = f"{path} cannot be written: the file, its folder or the disk is read-only ({msg}). Use a writable --db."
+    elif "unable to open" in low:
+        text = (f"Cannot open or create {path} ({msg}): its folder may be missing or read-only (SQLite also needs to "
+                "create files beside the database).")
+    elif "malformed" in low or "not a database" in low or "corrupt" in low:
+        text = (f"{path} is damaged ({msg}). Keep a copy of it, then try `sqlite3 {path} .recover | sqlite3 "
+                "repaired.db`, or caption into a new database.")
+    else:
+        text = f"Database error on {path}: {msg}"
+    return StorageError(text)
+
+
+def open_db(path: str | Path, must_exist: bool = False, timeout: float = 60.0):
+    """Open (or create) a sat database: WAL journal, foreign keys, migrations applied. Other
+    writers are waited for up to ``timeout`` seconds; any failure is a :class:`StorageError`."""
     import sqlite3
     import time
 
@@ -45,8 +74,11 @@ def open_db(path: str | Path, must_exist: bool = False):
     if p.exists():
         if p.is_dir():
             raise SatError(f"{p} is a folder, not a database file")
-        with open(p, "rb") as f:
-            head = f.read(16)
+        try:
+            with open(p, "rb") as f:
+                head = f.read(16)
+        except OSError as exc:
+            raise StorageError(f"Cannot read {p}: {exc.strerror or exc}") from exc
         if head and head != SQLITE_MAGIC:
             raise SatError(f"{p} is not an SQLite database")
     elif must_exist:
@@ -54,12 +86,12 @@ def open_db(path: str | Path, must_exist: bool = False):
     # Two processes opening a new database at once (torchrun ranks) can meet SQLITE_BUSY while one
     # switches it to WAL or creates the schema; SQLite does not always wait on busy_timeout there,
     # so retry: the migrations are idempotent.
-    deadline, delay = time.monotonic() + 60, 0.02
+    deadline, delay = time.monotonic() + timeout, 0.02
     while True:
         db = None
         try:
             db = Database(p)
-            db.execute("PRAGMA busy_timeout = 60000")  # other writers (torchrun ranks) wait their turn
+            db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")  # other writers wait their turn
             if db.journal_mode != "wal":
                 db.enable_wal()
             db.execute("PRAGMA foreign_keys = ON")
@@ -73,30 +105,54 @@ def open_db(path: str | Path, must_exist: bool = False):
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 continue
-            raise SatError(f"Cannot open database {p}: {exc}") from exc
+            raise storage_error(exc, p, timeout) from exc
         except sqlite3.DatabaseError as exc:
-            raise SatError(f"Cannot open database {p}: {exc}") from exc
+            if db is not None:
+                db.close()
+            raise storage_error(exc, p, timeout) from exc
+    db.sat_path, db.sat_timeout = p, timeout
     return db
 
 
 class Store:
     def __init__(self, db):
         self.db = db
+        self.path = getattr(db, "sat_path", "the database")
+        self.timeout = getattr(db, "sat_timeout", 60.0)
 
     @contextmanager
     def write(self):
         """One write transaction. BEGIN IMMEDIATE takes the write lock up front (waiting on
         busy_timeout for other writers); a deferred BEGIN that reads first would fail at once with
-        SQLITE_BUSY in WAL mode when another process (a torchrun rank) commits in between."""
+        SQLITE_BUSY in WAL mode when another process (a torchrun rank) commits in between. An
+        SQLite failure rolls the transaction back and becomes a :class:`StorageError`."""
+        import sqlite3
+
         conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path, self.timeout) from exc
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled back already (a full disk can end the transaction itself)
+            if isinstance(exc, sqlite3.Error):
+                raise storage_error(exc, self.path, self.timeout) from exc
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise storage_error(exc, self.path, self.timeout) from exc
 
     def start_run(self, **fields) -> int:
         import sys
@@ -126,20 +182,25 @@ class Store:
 
     def write_batch(self, run_id: int, records: list[Result], fingerprint: str, settings_key: str):
         """Store one batch in one transaction: a crash loses this batch or nothing."""
+        from .paths import display, to_bytes
+
         stamp = now()
         with self.write():
             for rec in records:
+                error = rec.error.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+                    if rec.error else None
                 self.db.execute(
-                    """INSERT INTO images (path, sha256, bytes, width, height, status, error, run_id, updated_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                       ON CONFLICT(path) DO UPDATE SET
-                         sha256 = excluded.sha256, bytes = excluded.bytes,
+                    """INSERT INTO images (path, path_bytes, sha256, bytes, width, height, status, error, run_id,
+                                           updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT(path_bytes) DO UPDATE SET
+                         path = excluded.path, sha256 = excluded.sha256, bytes = excluded.bytes,
                          width = coalesce(excluded.width, images.width),
                          height = coalesce(excluded.height, images.height),
                          status = excluded.status, error = excluded.error,
                          run_id = excluded.run_id, updated_at = excluded.updated_at""",
-                    [rec.path, rec.sha256, rec.size, rec.width, rec.height,
-                     "failed" if rec.error else "ok", rec.error, run_id, stamp],
+                    [display(rec.path), to_bytes(rec.path), rec.sha256, rec.size, rec.width, rec.height,
+                     "failed" if rec.error else "ok", error, run_id, stamp],
                 )
                 if rec.captions:
                     self._replace_result(run_id, rec, fingerprint, settings_key, stamp)
