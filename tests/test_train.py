@@ -253,6 +253,34 @@ def test_zero_initial_state_leaves_vision_to_the_attention(small_set, tmp_path):
     assert loaded.decoder.config.init_state == "zero" and not hasattr(loaded.decoder, "init_h")
 
 
+def test_mosaic_features_put_the_captions_photo_in_one_quadrant():
+    from sat_cli.training.data import mosaic_features
+
+    n, side, C = 10, 3, 2
+    tiles = torch.zeros(n, side * side, C)
+    for i in range(n):
+        tiles[i, :, 0] = i  # channel 0: which image
+        tiles[i, :, 1] = torch.arange(side * side)  # channel 1: the cell inside the tile
+    own = torch.tensor([7, 2, 7])
+    out = mosaic_features(tiles, own, torch.Generator().manual_seed(0)).view(3, 2 * side, 2 * side, C)
+    for m in range(3):
+        quadrants = [out[m, r * side : (r + 1) * side, c * side : (c + 1) * side] for r in (0, 1) for c in (0, 1)]
+        owners = [int(q[0, 0, 0]) for q in quadrants]
+        assert int(own[m]) in owners
+        for q in quadrants:  # each quadrant is one whole tile, cells in their own order
+            assert (q[..., 0] == q[0, 0, 0]).all()
+            assert q[..., 1].flatten().tolist() == list(range(side * side))
+
+
+def test_mosaic_training_builds_half_size_tiles_and_trains(small_set, tmp_path):
+    trainer = Trainer(tiny_config(small_set, tmp_path, mosaic=0.5, image_size=256, epochs=1))
+    trainer.setup()
+    assert trainer.train_feats.shape[1] == 64 and trainer.tile_feats.shape[1] == 16  # 8x8 and 4x4 grids
+    assert trainer.run()["epoch"] == 1
+    with pytest.raises(Exception, match="halves"):  # 224 px: a 7x7 grid has no half
+        Trainer(tiny_config(small_set, tmp_path, mosaic=0.5, out=str(tmp_path / "odd"))).setup()
+
+
 # ------------------------------------------------------------------ training
 def weights(path):
     from safetensors.torch import load_file

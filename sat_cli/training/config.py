@@ -59,6 +59,9 @@ class TrainConfig:
     init_state: str = opt("mean", "The LSTM's first state: a projection of the mean feature (the paper's), or "
                                   "zero, so everything the decoder sees comes through its attention.",
                           choices=("mean", "zero"))
+    mosaic: float = opt(0.0, "Share of training captions shown inside a 2x2 mosaic of four training photos (their "
+                             "features at half size, tiled; the caption's photo in a random quadrant), so the "
+                             "decoder learns to look where the words are.", min=0.0, max=1.0)
     label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy.", min=0.0, max=1.0)
     grad_clip: float = opt(5.0, "Clip gradients to this norm.")
     min_word_freq: int = opt(5, "Words seen fewer times in the training captions become <unk>.", min=1)

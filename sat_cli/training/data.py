@@ -53,3 +53,18 @@ def pixel_batches(paths: list[str], preprocess, groups, workers: int):
 
     for _, pixels in load_batches(([paths[i] for i in g] for g in groups), preprocess, None, workers):
         yield pixels
+
+
+def mosaic_features(tiles, own, generator=None):
+    """Feature grids of 2x2 mosaics: ``tiles`` (N, h*w, C) half-size grids of every training
+    image, ``own`` (M,) the image each mosaic must contain; it lands in a random quadrant, the
+    other three are random training images. -> (M, 4*h*w, C) laid out as a (2h, 2w) grid."""
+    import torch
+
+    M, n = len(own), tiles.shape[0]
+    side = int(round(tiles.shape[1] ** 0.5))
+    ids = torch.randint(n, (M, 4), generator=generator)
+    where = torch.randint(4, (M,), generator=generator)
+    ids[torch.arange(M), where] = own
+    grid = tiles[ids].view(M, 2, 2, side, side, -1)  # (M, row, col, h, w, C)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(M, 4 * side * side, -1)

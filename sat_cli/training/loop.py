@@ -51,7 +51,16 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
                 pixels = next(pixels_iter)[order].to(device, non_blocking=True)
                 feats = t.encoder(pixels)
             else:
-                feats = t.train_feats[t.image_index[idx]].to(device, non_blocking=True).float()
+                images = t.image_index[idx]
+                feats = t.train_feats[images]
+                if cfg.mosaic:  # some captions see their photo as one quadrant of a mosaic
+                    from .data import mosaic_features
+
+                    chosen = (torch.rand(len(idx)) < cfg.mosaic).nonzero().squeeze(1)
+                    if len(chosen):
+                        feats = feats.clone()
+                        feats[chosen] = mosaic_features(t.tile_feats, images[chosen]).to(feats.dtype)
+                feats = feats.to(device, non_blocking=True).float()
             # hard attention: each caption reads sampled locations with probability 0.5, else
             # the expected context (Xu et al. 2015, section 4.1)
             sampled = (torch.rand(len(idx)) < 0.5).to(device) if cfg.attention == "hard" else None

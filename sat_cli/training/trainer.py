@@ -127,6 +127,8 @@ class Trainer:
         self.train_feats = torch.from_numpy(np.stack([self.cache.load(shas[e.path]) for e in self.train_entries]))
         self.val_feats = torch.from_numpy(np.stack([self.cache.load(shas[e.path]) for e in self.val_entries]))
         self.caps, self.lengths, self.image_index = tensor_captions(self.train_entries, self.vocab, cfg.max_caption_len)
+        if cfg.mosaic:
+            self.tile_feats = self.half_size_features(shas)
 
         self.decoder = Decoder(DecoderConfig(
             vocab_size=len(self.vocab), encoder_dim=self.encoder.out_dim, embed_dim=cfg.embed_dim,
@@ -153,6 +155,35 @@ class Trainer:
     def close(self):
         self.scopes.close()
         self.dist.close()
+
+    def half_size_features(self, shas: dict):
+        """Features of every training image at half the input size (half the grid), the tiles of
+        mosaic training, through the same cache."""
+        import numpy as np
+        import torch
+
+        from ..encoders import EncoderOptions, create_encoder
+        from ..features import FeatureCache
+
+        cfg = self.cfg
+        if cfg.fine_tune_encoder:
+            raise SatError("--mosaic works on cached features: do not combine it with --fine-tune-encoder")
+        size = self.encoder.preprocess.size
+        half = create_encoder(cfg.encoder, EncoderOptions(
+            grid=cfg.grid // 2 if cfg.grid else None, image_size=size[0] // 2, weights=cfg.encoder_weights,
+            layers=tuple(cfg.feature_layers) if cfg.feature_layers else None))
+        full_grid, half_grid = self.encoder.grid_shape(), half.grid_shape()
+        if full_grid != (2 * half_grid[0], 2 * half_grid[1]) or half_grid[0] != half_grid[1]:
+            raise SatError(f"--mosaic needs a square grid that halves with the image size: {full_grid} at "
+                           f"{size[0]} px, {half_grid} at {size[0] // 2} px (try an image size divisible by 64)")
+        cache = FeatureCache(half, cfg.cache_dir)
+        paths = sorted({e.path for e in self.train_entries})
+        half_shas = {}
+        for part in self.dist.gather(cache.build(paths, self.device, self.precision, workers=self.workers,
+                                                 quiet=cfg.quiet or not self.dist.main, rank=self.dist.rank,
+                                                 world=self.dist.world)):
+            half_shas.update(part)
+        return torch.from_numpy(np.stack([cache.load(half_shas[e.path]) for e in self.train_entries]))
 
     def start_fine_tuning(self):
         import torch
