@@ -3,6 +3,7 @@ store each batch in one transaction, skip what is stored, and report the run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -46,61 +47,54 @@ class Summary:
 def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettings, options: CaptionOptions,
                   on_result: Callable[[Result], None] | None = None, dist=None) -> Summary:
     """Caption ``inputs`` (files, folders, globs) with ``model`` (a checkpoint ready for inference)
-    into the database at ``db_path``. Under torchrun each rank takes every WORLD_SIZE-th file."""
+    into the database at ``db_path``.
+
+    Under torchrun each rank captions every WORLD_SIZE-th file and sends its results to rank 0,
+    the only process that opens the database (so ranks on other machines never touch the SQLite
+    file). A rank that dies ends the run; what rank 0 stored stays, and a rerun does the rest."""
     from .images import discover
     from .pipeline import caption_batches
-    from .progress import progress_bar
-    from .queries import done_hashes, results_of_run
     from .runtime import Dist, StopSignal, default_workers
     from .store import Store, open_db
 
     dist = dist or Dist()
+    dist.init_objects()
     found = list(discover(inputs, options.recursive))
     if not found:  # before the database exists: an empty folder leaves nothing behind
         raise SatError("No image files found in " + ", ".join(map(str, inputs)))
-    missing = [f for f in found if f.error] if dist.rank == 0 else []
-    paths = [f.path for f in found if not f.error][dist.rank :: dist.world]
+    good = [f.path for f in found if not f.error]
+    paths = good[dist.rank :: dist.world]
     fingerprint, key = model.fingerprint, settings.key()
-    db = open_db(db_path, timeout=options.db_timeout)
-    store = Store(db)
-    run_id = store.start_run(
-        model_path=model.path, model_fingerprint=fingerprint, encoder=model.encoder_spec,
-        settings=json.dumps(settings.to_dict()), settings_key=key, device=str(model.device),
-        precision=model.precision, batch_size=options.batch_size,
-    )
-    summary = Summary(run_id=run_id, total=len(paths) + len(missing))
+    summary = Summary(run_id=0, total=len(good) + sum(1 for f in found if f.error))
+    db = store = None
+    if dist.main:
+        db = open_db(db_path, timeout=options.db_timeout)
+        store = Store(db)
+        summary.run_id = store.start_run(
+            model_path=model.path, model_fingerprint=fingerprint, encoder=model.encoder_spec,
+            settings=json.dumps(settings.to_dict()), settings_key=key, device=str(model.device),
+            precision=model.precision, batch_size=options.batch_size,
+        )
     started = time.perf_counter()
+    writer = _Writer(summary, store, fingerprint, key, on_result) if dist.main else None
+    if writer:
+        writer.write([Result(f.path, error=f.error) for f in found if f.error])
+    from .queries import done_hashes
 
-    def fail(path: str, error: str):
-        summary.failed += 1
-        if len(summary.failures) < 1000:
-            summary.failures.append((path, error))
-
-    if missing:
-        store.write_batch(run_id, [Result(f.path, error=f.error) for f in missing], fingerprint, key)
-        for f in missing:
-            fail(f.path, f.error)
-
-    done = frozenset() if options.force else done_hashes(db, fingerprint, key)
+    done = dist.broadcast(frozenset() if options.force or not dist.main else done_hashes(db, fingerprint, key))
     workers = default_workers() if options.workers is None else options.workers
     status = "done"
-    with StopSignal(interrupt=True), progress_bar("images", options.quiet) as progress:
-        task = progress.add_task("Captioning", total=len(paths), status="")
+    with StopSignal(interrupt=True), _progress(options.quiet or not dist.main, len(good)) as advance:
         try:
-            for results in caption_batches(model, paths, settings, batch_size=options.batch_size, workers=workers,
-                                           attention=options.attention, skip=done, dedupe=True,
-                                           read_timeout=options.read_timeout):
-                for r in results:
-                    if r.error:
-                        fail(r.path, r.error)
-                    elif r.skipped:
-                        summary.skipped += 1
-                store.write_batch(run_id, results, fingerprint, key)
-                if on_result:
-                    for r in results:
-                        on_result(r)
-                progress.update(task, advance=len(results),
-                                status=f"[red]{summary.failed} failed" if summary.failed else "")
+            batches = caption_batches(model, paths, settings, batch_size=options.batch_size, workers=workers,
+                                      attention=options.attention, skip=done, dedupe=True,
+                                      read_timeout=options.read_timeout)
+            if dist.world == 1:
+                for results in batches:
+                    writer.write(results)
+                    advance(len(results), summary.failed)
+            else:
+                _gather_rounds(dist, batches, writer, advance, summary)
         except KeyboardInterrupt:
             status = "interrupted"
             summary.interrupted = True
@@ -109,21 +103,83 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
             raise
         finally:
             summary.seconds = time.perf_counter() - started
-            try:
-                # What is stored, not what was counted: a signal can land between a batch's commit
-                # and the count that follows it.
-                summary.captioned = results_of_run(db, run_id)
-                if status == "done" and summary.failed:
-                    status = "done_with_errors"
-                store.finish_run(run_id, status, summary.captioned, summary.skipped, summary.failed)
-            except (SatError, sqlite3.Error):
-                if status != "failed":  # the run itself went well: its end cannot be recorded
-                    raise
-                # already failing (a full disk, a lock): that error is the one to report; the run
-                # row stays "running" and the next run resumes from what was stored
-            finally:
-                db.close()
+            if writer:
+                writer.finish(status)
     return summary
+
+
+class _Writer:
+    """Rank 0's side: stores each batch in one transaction and keeps the run's counts."""
+
+    def __init__(self, summary: Summary, store, fingerprint: str, key: str, on_result):
+        self.summary, self.store, self.fingerprint, self.key, self.on_result = summary, store, fingerprint, key, on_result
+
+    def write(self, results: list[Result]):
+        if not results:
+            return
+        for r in results:
+            if r.error:
+                self.summary.failed += 1
+                if len(self.summary.failures) < 1000:
+                    self.summary.failures.append((r.path, r.error))
+            elif r.skipped:
+                self.summary.skipped += 1
+        self.store.write_batch(self.summary.run_id, results, self.fingerprint, self.key)
+        if self.on_result:
+            for r in results:
+                self.on_result(r)
+
+    def finish(self, status: str):
+        from .queries import results_of_run
+
+        summary, db = self.summary, self.store.db
+        try:
+            # What is stored, not what was counted: a signal can land between a batch's commit
+            # and the count that follows it.
+            summary.captioned = results_of_run(db, summary.run_id)
+            if status == "done" and summary.failed:
+                status = "done_with_errors"
+            self.store.finish_run(summary.run_id, status, summary.captioned, summary.skipped, summary.failed)
+        except (SatError, sqlite3.Error):
+            if status != "failed":  # the run itself went well: its end cannot be recorded
+                raise
+            # already failing (a full disk, a lock): that error is the one to report; the run
+            # row stays "running" and the next run resumes from what was stored
+        finally:
+            db.close()
+
+
+def _gather_rounds(dist, batches, writer, advance, summary):
+    """torchrun: in each round every rank sends its next batch (None when it has no more) to rank
+    0, which writes them all; the rounds end when every rank is out of batches."""
+    mine = iter(batches)
+    while True:
+        batch = next(mine, None)
+        if batch is not None:
+            for r in batch:
+                r.pixels = None  # decoded pixels stay here; results travel
+        gathered = dist.gather_to_main(batch)
+        if dist.main:
+            for results in gathered:
+                if results:
+                    writer.write(results)
+                    advance(len(results), summary.failed)
+        if dist.broadcast(dist.main and all(b is None for b in gathered)):
+            break
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool, total: int):
+    """advance(n, failed) for the run's progress bar (rank 0 only)."""
+    from .progress import progress_bar
+
+    with progress_bar("images", quiet) as progress:
+        task = progress.add_task("Captioning", total=total, status="")
+
+        def advance(n: int, failed: int):
+            progress.update(task, advance=n, status=f"[red]{failed} failed" if failed else "")
+
+        yield advance
 
 
 def report(summary: Summary, db_path: str, console) -> None:

@@ -156,6 +156,13 @@ def m003_path_bytes(db):
     db.execute("CREATE INDEX IF NOT EXISTS idx_images_path ON images (path)")
 
 
+@migration
+def m004_runs_merged_from(db):
+    """runs.merged_from: for a run copied by `sat merge`, the database and run id it came from."""
+    if "merged_from" not in db["runs"].columns_dict:
+        db.execute("ALTER TABLE runs ADD COLUMN merged_from TEXT")
+
+
 def apply_migrations(db) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     table = db["_sat_migrations"]

@@ -133,6 +133,27 @@ class Dist:
             if not td.is_initialized():
                 td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
+    def init_objects(self, timeout_s: float = 3600.0):
+        """A gloo process group for sending Python objects (captioning results to the one writer).
+        ``timeout_s``: how long a collective waits for a rank before it fails."""
+        if self.world > 1:
+            import datetime
+
+            import torch.distributed as td
+
+            if not td.is_initialized():
+                td.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's ``obj``, in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as td
+
+        out = [None] * self.world if self.main else None
+        td.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self):
         if self.world > 1:
             import torch.distributed as td

@@ -121,20 +121,100 @@ def test_python_m_sat_cli_help():
     assert out.returncode == 0 and "--length-penalty" in out.stdout and "Exit status" in out.stdout
 
 
-def test_two_ranks_share_one_database(photos, tmp_path, tiny_model):
-    """torchrun-style sharding: each rank takes every WORLD_SIZE-th file and writes to the same DB."""
+def torchrun(*args, cwd=None, env=None, timeout=300):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_ranks_one_writer(photos, tmp_path, tiny_model):
+    """torchrun: each rank captions every WORLD_SIZE-th file and rank 0 alone writes the database."""
+    db_path = tmp_path / "shared.db"
+    proc = torchrun("--standalone", "--nproc-per-node", "2", "-m", "sat_cli", "caption", photos, "--db", db_path,
+                    "--model", tiny_model, "--workers", "0", "-q")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    db = sqlite_utils.Database(db_path)
+    assert db["images"].count == 4 and db["results"].count == 4 and db["runs"].count == 1
+    assert db["runs"].get(1)["captioned"] == 4
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_only_rank_0_opens_the_database(photos, tmp_path, tiny_model):
+    """torchrun --nnodes 2 with two local agents (c10d rendezvous on 127.0.0.1), each node in its
+    own working folder with a relative --db: exactly one folder gets a database (rank 0's), the
+    other never touches SQLite, and every photo of both ranks' shares is in it."""
     import os
 
-    db_path = tmp_path / "shared.db"
+    port = free_port()
+    nodes = [tmp_path / "node-a", tmp_path / "node-b"]
     procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "sat_cli", "caption", str(photos), "--db", str(db_path),
-                                       "--model", str(tiny_model), "--workers", "0", "-q"], env=env))
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    for node in nodes:
+        node.mkdir()
+        procs.append(torchrun("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                              f"127.0.0.1:{port}", "--rdzv-id", "sat-test", "-m", "sat_cli", "caption", photos, "--db",
+                              "out.db", "--model", tiny_model, "--workers", "0", "-q", cwd=node,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    with_db = [n for n in nodes if (n / "out.db").exists()]
+    assert len(with_db) == 1
+    other = next(n for n in nodes if n not in with_db)
+    assert not [p.name for p in other.iterdir() if p.name.startswith("out.db")]  # no -wal, no -shm either
+    db = sqlite_utils.Database(with_db[0] / "out.db")
+    assert db["images"].count == 4 and db["results"].count == 4 and db["runs"].count == 1
+
+
+def test_a_rank_that_dies_is_reported_and_a_rerun_finishes(tmp_path, tiny_model):
+    """Rank 1 is killed mid-run: torchrun reports it, the database keeps what rank 0 stored and is
+    consistent, and a rerun captions the rest (each photo once)."""
+    import os
+    import signal
+    import time
+
+    from PIL import Image
+
+    photos = tmp_path / "many"
+    photos.mkdir()
+    base = Image.open(EXAMPLES / "rocket.jpg").convert("RGB").resize((96, 64))
+    for i in range(60):
+        im = base.copy()
+        im.putpixel((i, 0), (i * 4, 0, 0))
+        im.save(photos / f"{i:02d}.png")  # lossless: 60 distinct contents
+    db_path = tmp_path / "dies.db"
+    args = ("--standalone", "--nproc-per-node", "2", "-m", "sat_cli", "caption", photos, "--db", db_path, "--model",
+            tiny_model, "--workers", "0", "--batch-size", "2", "-q")
+    proc = torchrun(*args)
+    victim, deadline = None, time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline:  # rank 1, once rank 0 has stored something
+        time.sleep(0.2)
+        if db_path.exists() and sqlite_utils.Database(db_path)["results"].count >= 4:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                except OSError:
+                    continue
+                if b"RANK=1" in environ and any(str(db_path).encode() in part for part in
+                                                open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")):
+                    victim = int(pid)
+    assert victim, "rank 1 was not found"
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "rank" in err.lower()  # torchrun names the failed rank
     db = sqlite_utils.Database(db_path)
-    assert db["images"].count == 4 and db["results"].count == 4 and db["runs"].count == 2
-    assert sorted(r["captioned"] for r in db["runs"].rows) == [2, 2]
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    partial = db["results"].count
+    assert 0 < partial < 60
+    again = torchrun(*args)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert sqlite_utils.Database(db_path)["results"].count == 60 and sqlite_utils.Database(db_path)["images"].count == 60
 
 
 def test_default_model_captions_the_examples(tmp_path):
