@@ -1,8 +1,6 @@
 """A run killed at any moment loses at most the batch in flight; the database stays consistent
 and a rerun finishes the job."""
 
-import os
-import shutil
 import signal
 import sqlite3
 import subprocess
