@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import __version__, cli_import, cli_models
+from . import __version__, cli_import, cli_metadata, cli_models
 from .cli_options import DEVICE, PRECISION, decode_options, settings_for
 from .errors import SatError
 
@@ -74,9 +74,14 @@ def cli():
               help="Seconds to wait while another program holds the database's write lock.")
 @click.option("--print", "print_captions", is_flag=True,
               help="Also write 'path<TAB>best caption' lines to stdout (paths escaped as in TSV exports).")
+@click.option("--xmp", is_flag=True,
+              help="Then write each photo's best caption into an XMP sidecar (photo.jpg.xmp), merged into an existing "
+                   "one; a description sat did not write is kept (see sat metadata).")
+@click.option("--xmp-name", type=click.Choice(["full", "stem"]), default="full", show_default=True,
+              help="Sidecar names for --xmp: full photo.jpg.xmp, stem photo.xmp (Lightroom, Capture One).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def caption(paths, db_path, model_path, encoder_weights, batch_size, device, precision, workers, force, no_attention,
-            no_recursive, read_timeout, db_timeout, print_captions, quiet, **decode):
+            no_recursive, read_timeout, db_timeout, print_captions, xmp, xmp_name, quiet, **decode):
     """Caption images and store the results in an SQLite database.
 
     PATHS are image files, folders (walked recursively, image extensions only, hidden entries
@@ -94,6 +99,7 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
     \b
     Examples:
       sat caption ./photos --db out.db
+      sat caption ~/Pictures --db pics.db --xmp
       sat caption ./photos --beam 5 --n-best 3 --length-penalty 0.7 --db out.db
       sat caption 'scans/**/*.tif' --device cuda --batch-size 256 --db out.db --print
       torchrun --nproc-per-node 4 -m sat_cli caption ./photos --db out.db
@@ -119,6 +125,10 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
                         db_timeout=db_timeout)
     if not quiet:
         report(summary, db_path, console)
+    if xmp and not summary.interrupted:  # the sidecars of this run's photos (sat metadata does the rest)
+        from .metadata import sidecars_after_caption
+
+        sys.exit(max(summary.exit_code, sidecars_after_caption(db_path, summary.run_id, xmp_name, quiet, console)))
     sys.exit(summary.exit_code)
 
 
@@ -132,9 +142,11 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
 @click.option("--run", type=int, help="Only the captions (and failures) of this run id.")
 @click.option("--no-failed", is_flag=True, help="Leave out files that could not be read.")
 @click.option("--attention", is_flag=True, help="Include the per-word attention maps (json and jsonl only).")
+@click.option("--metadata", is_flag=True,
+              help="Include what `sat metadata` wrote for each image: file, kind, status, caption, dates (json, jsonl).")
 @click.option("--page-size", default=100, show_default=True, type=click.IntRange(1), help="html: images per page.")
 @click.option("-q", "--quiet", is_flag=True, help="html: no progress bar.")
-def export(db_path, fmt, out, best, run, no_failed, attention, page_size, quiet):
+def export(db_path, fmt, out, best, run, no_failed, attention, metadata, page_size, quiet):
     """Write the stored captions as CSV, TSV, JSON, JSON Lines, COCO results or an HTML gallery.
 
     csv/tsv: one row per caption (path, sha256, width, height, run, rank, caption, score,
@@ -154,7 +166,7 @@ def export(db_path, fmt, out, best, run, no_failed, attention, page_size, quiet)
     from .export import export_to
 
     export_to(db_path, fmt, out, run=run, best=best, failed=not no_failed, attention=attention, page_size=page_size,
-              quiet=quiet)
+              quiet=quiet, metadata=metadata)
 
 
 @cli.command()
@@ -181,8 +193,13 @@ def show(db_path, image, out, rank, run, columns, panel):
     from .progress import console
     from .show import show as run_show
 
+    from rich.markup import escape
+
+    from .paths import printable
+
     target, cap, words = run_show(db_path, image, out, rank=rank, run=run, columns=columns, panel=panel)
-    console.print(f"{target}: {cap['text']!r} ({len(words)} words, run {cap['run_id']})", highlight=False)
+    console.print(f"{escape(printable(target))}: {cap['text']!r} ({len(words)} words, run {cap['run_id']})",
+                  highlight=False)
 
 
 @cli.command()
@@ -212,6 +229,33 @@ def search(db_path, query, limit, run, rank, as_json, as_csv):
 
 
 @cli.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--into", required=True, type=click.Path(dir_okay=False), help="The database to merge into (created if missing).")
+@click.option("-q", "--quiet", is_flag=True, help="No per-database lines.")
+def merge(sources, into, quiet):
+    """Merge databases captioned on separate machines (or runs) into one.
+
+    Results are deduplicated by their usual key (image content, model, decode settings): when
+    two databases captioned the same photo with the same model and settings, the first keeps
+    its result. Runs are copied with where they came from (runs.merged_from); each image path
+    keeps its most recent row. Each source is merged in one transaction, and merging the same
+    database again adds nothing. The sources are only read.
+
+    \b
+    Examples:
+      sat merge node1.db node2.db node3.db --into all.db
+      sat merge laptop.db --into archive.db
+    """
+    from .merge import merge as run_merge
+    from .merge import report
+    from .progress import console
+
+    summary = run_merge(list(sources), into)
+    if not quiet:
+        report(summary, console)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def encoders(as_json):
     """List the encoder families (spec prefixes), the plugin that gives each, and offline weights.
@@ -225,5 +269,6 @@ def encoders(as_json):
     print_families(as_json)
 
 
-for command in (cli_models.train, cli_models.average, cli_models.eval_command, cli_import.import_group):
+for command in (cli_models.train, cli_models.average, cli_models.eval_command, cli_import.import_group,
+                cli_metadata.metadata):
     cli.add_command(command)

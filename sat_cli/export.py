@@ -43,7 +43,7 @@ def _caption(row: dict, attention: bool) -> dict:
     return out
 
 
-def _grouped(rows, attention: bool) -> Iterator[dict]:
+def _grouped(rows, attention: bool, writes: dict | None = None) -> Iterator[dict]:
     for _, group in itertools.groupby(rows, key=lambda r: (r["image_id"], r["result_id"])):
         group = list(group)
         first = group[0]
@@ -60,6 +60,8 @@ def _grouped(rows, attention: bool) -> Iterator[dict]:
         else:
             record.update(run=first["run_id"], model=first["model_fingerprint"], settings=first["settings_key"])
             record["captions"] = [_caption(r, attention) for r in group if r["caption_id"] is not None]
+        if writes is not None:
+            record["metadata"] = writes.get(first["image_id"], [])
         yield record
 
 
@@ -69,9 +71,21 @@ def coco_image_id(path: str, row_id: int) -> int:
     return int(match.group(1)) if match else row_id
 
 
+def metadata_writes(db) -> dict[int, list[dict]]:
+    """What `sat metadata` wrote for each image id: file, kind, status, caption, when."""
+    if "metadata_writes" not in db.table_names():
+        return {}
+    out: dict[int, list[dict]] = {}
+    for row in db.query("""SELECT image_id, target, kind, status, caption, run_id, written_at, removed_at, backup
+                           FROM metadata_writes ORDER BY image_id, target"""):
+        out.setdefault(row.pop("image_id"), []).append(row)
+    return out
+
+
 def export(db, fmt: str, run: int | None = None, best: bool = False, failed: bool = True,
-           attention: bool = False) -> Iterator[str]:
-    """Yield the export's text in chunks, a row (or an image) at a time."""
+           attention: bool = False, metadata: bool = False) -> Iterator[str]:
+    """Yield the export's text in chunks, a row (or an image) at a time. ``metadata`` (json,
+    jsonl): each image lists what `sat metadata` wrote for it."""
     if fmt not in FORMATS:
         raise SatError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     check_run(db, run)
@@ -93,11 +107,11 @@ def export(db, fmt: str, run: int | None = None, best: bool = False, failed: boo
                 buf.truncate()
         yield buf.getvalue()
     elif fmt == "jsonl":
-        for record in _grouped(rows, attention):
+        for record in _grouped(rows, attention, metadata_writes(db) if metadata else None):
             yield json.dumps(record) + "\n"
     else:
         yield "["
-        for i, record in enumerate(_grouped(rows, attention)):
+        for i, record in enumerate(_grouped(rows, attention, metadata_writes(db) if metadata else None)):
             yield ("," if i else "") + "\n  " + json.dumps(record)
         yield "\n]\n"
 
@@ -138,7 +152,8 @@ def _coco(db, run: int | None) -> Iterator[str]:
 
 
 def export_to(db_path: str, fmt: str, out: str | None = None, run: int | None = None, best: bool = False,
-              failed: bool = True, attention: bool = False, page_size: int = 100, quiet: bool = False):
+              failed: bool = True, attention: bool = False, page_size: int = 100, quiet: bool = False,
+              metadata: bool = False):
     """`sat export`: write the export to ``out`` (a file; a folder for html) or to stdout."""
     import sys
     from pathlib import Path
@@ -147,6 +162,8 @@ def export_to(db_path: str, fmt: str, out: str | None = None, run: int | None = 
 
     if attention and fmt not in ("json", "jsonl"):
         raise SatError("--attention works with --format json or jsonl")
+    if metadata and fmt not in ("json", "jsonl"):
+        raise SatError("--metadata works with --format json or jsonl")
     db = open_db(db_path, must_exist=True)
     if fmt == "html":
         from .gallery import export_html
@@ -160,7 +177,7 @@ def export_to(db_path: str, fmt: str, out: str | None = None, run: int | None = 
         if not quiet:
             console.print(f"Gallery written: {index}")
         return
-    chunks = export(db, fmt, run=run, best=best, failed=failed, attention=attention)
+    chunks = export(db, fmt, run=run, best=best, failed=failed, attention=attention, metadata=metadata)
     if out:
         with open(out, "w", encoding="utf-8", newline="") as f:
             for chunk in chunks:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from . import __version__
 from .metadata_files import FileProblem, create_file, remove_file, rewrite, sha256_file
 from .metadata_plan import owned_texts, plan_remove, plan_write, only_sat_left
-from .metadata_store import display, mark_removed, records, save_write, targets
+from .metadata_store import carry_results, mark_removed, records, save_write, targets
+from .paths import display
 from .xmp import (EMBED_EXTENSIONS, EMBED_FIELDS, EXIFTOOL_CONFIG, IPTC_FIELD, READ_TAGS, SIDECAR_FIELDS,
                   clean_caption, fields_for, new_sidecar, provenance, sidecar_path, write_args)
 
@@ -145,9 +146,12 @@ def _write_one(db, et, target, file, related, recorded, options, summary, stamp)
     except FileProblem as exc:
         summary.add("failed", file, str(exc))
         return
+    new_sha = sha256_file(file)
     with Store(db).write():
         save_write(db, target, file, options.kind, plan.fields, plan.previous, created=plan.action == "create",
-                   backup=backup, file_sha256=sha256_file(file), version=__version__, stamp=stamp)
+                   backup=backup, file_sha256=new_sha, version=__version__, stamp=stamp)
+        if options.kind == "embed" and new_sha:  # same pixels, new bytes: keep it captioned
+            carry_results(db, target.image_id, new_sha, os.path.getsize(file))
     summary.add(plan.action, file, repr(caption))
 
 

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 
 from .errors import SatError
+from .paths import display
+from .queries import fs_path
 
 
 @dataclass
@@ -22,11 +24,6 @@ class Target:
     run_id: int
     model_fingerprint: str
     settings_key: str
-
-
-def _image_path(row: dict) -> str:
-    raw = row.get("path_bytes")
-    return os.fsdecode(raw) if raw is not None else row["path"]
 
 
 def targets(db, run: int | None = None, of_run: int | None = None) -> list[Target]:
@@ -55,7 +52,7 @@ def targets(db, run: int | None = None, of_run: int | None = None) -> list[Targe
         JOIN captions ON captions.result_id = results.id AND captions.rank = 1
         WHERE {" AND ".join(where)}
         ORDER BY images.path"""
-    return [Target(r["image_id"], _image_path(r), r["text"], r["score"], r["result_id"], r["run_id"],
+    return [Target(r["image_id"], fs_path(r), r["text"], r["score"], r["result_id"], r["run_id"],
                    r["model_fingerprint"], r["settings_key"]) for r in db.query(sql, params)]
 
 
@@ -89,6 +86,31 @@ def save_write(db, target: Target, file: str, kind: str, fields: dict, previous:
     })
 
 
+def carry_results(db, image_id: int, new_sha: str, new_size: int) -> None:
+    """After an embed (inside the write transaction): the photo's bytes changed, its pixels did
+    not, so its stored results (every model and setting) also become the new content's and the
+    image row points at it: the next `sat caption` skips the photo instead of captioning it again."""
+    row = db.execute("SELECT sha256 FROM images WHERE id = ?", [image_id]).fetchone()
+    if row is None or row[0] == new_sha:
+        return
+    old_sha = row[0]
+    for res in db.execute("SELECT id, model_fingerprint, settings_key, run_id, created_at FROM results "
+                          "WHERE sha256 = ?", [old_sha]).fetchall():
+        if db.execute("SELECT 1 FROM results WHERE sha256 = ? AND model_fingerprint = ? AND settings_key = ?",
+                      [new_sha, res[1], res[2]]).fetchone():
+            continue
+        new_id = db.execute("INSERT INTO results (sha256, model_fingerprint, settings_key, run_id, created_at) "
+                            "VALUES (?, ?, ?, ?, ?)", [new_sha, res[1], res[2], res[3], res[4]]).lastrowid
+        for cap in db.execute("SELECT id, rank, text, tokens, logprob, score, finished FROM captions "
+                              "WHERE result_id = ?", [res[0]]).fetchall():
+            cap_id = db.execute("INSERT INTO captions (result_id, rank, text, tokens, logprob, score, finished) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?)", [new_id, *cap[1:]]).lastrowid
+            db.execute("INSERT INTO attention_maps (caption_id, words, grid_h, grid_w, dtype, data) "
+                       "SELECT ?, words, grid_h, grid_w, dtype, data FROM attention_maps WHERE caption_id = ?",
+                       [cap_id, cap[0]])
+    db.execute("UPDATE images SET sha256 = ?, bytes = ? WHERE id = ?", [new_sha, new_size, image_id])
+
+
 def mark_removed(db, target_bytes: bytes, stamp: str) -> None:
     db.execute("UPDATE metadata_writes SET status = 'removed', removed_at = ? WHERE target_bytes = ?",
                [stamp, target_bytes])
@@ -105,6 +127,3 @@ def listing(db) -> list[dict]:
              "previous": json.loads(r["previous"]) if r["previous"] else None} for r in rows]
 
 
-def display(path) -> str:
-    """A file name as readable text (each byte that is not UTF-8 as \\xNN)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")

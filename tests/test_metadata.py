@@ -218,6 +218,11 @@ def test_caption_xmp_writes_sidecars_that_readers_see(photos, tmp_path, tiny_mod
     assert snapshot(photos) == before  # a rerun with the same captions touches nothing
     listing = [json.loads(line) for line in run("metadata", db, "--list").stdout.splitlines()]
     assert {os.path.basename(r["target"]) for r in listing} == set(sidecars)
+    exported = [json.loads(line) for line in run("export", db, "--format", "jsonl", "--metadata").stdout.splitlines()]
+    for record in exported:  # sat export shows what was written where, from which caption
+        (write,) = record["metadata"]
+        assert write["target"] == record["path"] + ".xmp" and write["kind"] == "sidecar"
+        assert write["caption"] == record["captions"][0]["text"] and write["status"] == "written"
 
 
 def test_a_persons_description_is_kept_and_reported(photos, tmp_path, tiny_model, config):
@@ -363,6 +368,9 @@ def pixels(path) -> np.ndarray:
 
 
 def test_embed_keeps_pixels_bit_identical_and_writes_exif_xmp_iptc(tmp_path, tiny_model, config):
+    from sat_cli.formats import register_heif
+
+    register_heif()  # pillow-heif writes the test's HEIC file
     folder = tmp_path / "photos"
     folder.mkdir()
     rocket = Image.open(EXAMPLES / "rocket.jpg")
@@ -411,6 +419,10 @@ def test_embed_without_backup_rewrites_in_place_in_utf8(photos, tmp_path, tiny_m
     f = read(config, photos / "rocket.jpg")["rocket.jpg"]
     assert f["XMP-dc:Description"] == text and f["IFD0:ImageDescription"] == text and f["IPTC:Caption-Abstract"] == text
     assert not list(photos.rglob(".*.sat-*"))  # no temporary files left behind
+    # the photos' bytes changed, their pixels did not: a rerun of sat caption skips them all
+    assert caption(photos, db, tiny_model).exit_code == 0
+    last = list(sqlite_utils.Database(db)["runs"].rows)[-1]
+    assert (last["captioned"], last["skipped"]) == (0, 4)
 
 
 def test_read_only_and_unsupported_files_are_reported_and_the_run_goes_on(photos, tmp_path, tiny_model):
