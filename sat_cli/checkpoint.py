@@ -30,7 +30,8 @@ def resolve_paths(path: str | Path) -> tuple[Path, Path]:
         raise CheckpointError(
             f"{p} looks like a pickle-based PyTorch file ({p.suffix}). sat never unpickles model files, "
             "because unpickling can run arbitrary code. Use a sat checkpoint folder "
-            f"({WEIGHTS} + {CONFIG}), e.g. one written by 'sat train'."
+            f"({WEIGHTS} + {CONFIG}), e.g. one written by 'sat train'; a checkpoint of sgrvinod's "
+            "tutorial converts with 'sat import sgrvinod FILE --word-map WORDMAP.json --out DIR'."
         )
     if p.is_dir():
         weights, config = p / WEIGHTS, p / CONFIG
