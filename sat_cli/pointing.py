@@ -144,14 +144,21 @@ def mosaic_sets(n_photos: int, n_mosaics: int, seed: int = 0) -> list[tuple[int,
     if n_photos < 4:
         raise ValueError("a mosaic needs four photos")
     rng = random.Random(seed)
-    order: list[int] = []
+    pool: list[int] = []  # shuffled passes over all photos, consumed in order
     sets = []
     while len(sets) < n_mosaics:
-        if len(order) < 4:
+        if len(pool) < 8:
             fresh = list(range(n_photos))
             rng.shuffle(fresh)
-            order = [i for i in fresh if i not in order] + order
-        sets.append(tuple(order.pop() for _ in range(4)))
+            pool += fresh
+        group: list[int] = []
+        j = 0
+        while len(group) < 4:
+            if pool[j] in group:
+                j += 1
+            else:
+                group.append(pool.pop(j))
+        sets.append(tuple(group))
     return sets
 
 
