@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import SatError
 
-RUN_IDENTITY = ("started_at", "model_fingerprint", "settings_key", "command", "device")
+RUN_IDENTITY = ("started_at", "model_fingerprint", "settings_key", "command", "device")  # runs without a uid
 
 
 @dataclass
@@ -92,8 +92,12 @@ def _merge_runs(db, src, source: Path, count: MergeCount) -> dict[int, int]:
     run_map = {}
     for row in src.execute("SELECT * FROM runs ORDER BY id"):
         row = dict(row)
-        where = " AND ".join(f"{c} IS ?" for c in RUN_IDENTITY)
-        same = db.execute(f"SELECT id FROM runs WHERE {where}", [row.get(c) for c in RUN_IDENTITY]).fetchone()
+        if row.get("uid"):  # the same run merged before (from this database or a copy of it)
+            same = db.execute("SELECT id FROM runs WHERE uid = ?", [row["uid"]]).fetchone()
+        else:  # a run recorded before runs had a uid
+            where = " AND ".join(f"{c} IS ?" for c in RUN_IDENTITY)
+            same = db.execute(f"SELECT id FROM runs WHERE uid IS NULL AND {where}",
+                              [row.get(c) for c in RUN_IDENTITY]).fetchone()
         if same:
             run_map[row["id"]] = same[0]
             continue

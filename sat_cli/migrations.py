@@ -157,10 +157,15 @@ def m003_path_bytes(db):
 
 
 @migration
-def m004_runs_merged_from(db):
-    """runs.merged_from: for a run copied by `sat merge`, the database and run id it came from."""
-    if "merged_from" not in db["runs"].columns_dict:
+def m004_run_provenance(db):
+    """runs.uid: a run's identity across databases (a random UUID); runs.merged_from: for a run
+    copied by `sat merge`, the database and run id it came from."""
+    columns = db["runs"].columns_dict
+    if "uid" not in columns:
+        db.execute("ALTER TABLE runs ADD COLUMN uid TEXT")
+    if "merged_from" not in columns:
         db.execute("ALTER TABLE runs ADD COLUMN merged_from TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS idx_runs_uid ON runs (uid)")
 
 
 def apply_migrations(db) -> list[str]:

@@ -161,7 +161,10 @@ class Store:
 
         from . import __version__
 
+        import uuid
+
         row = {
+            "uid": uuid.uuid4().hex,
             "started_at": now(),
             "status": "running",
             "sat_version": __version__,
