@@ -265,6 +265,12 @@ class Trainer:
                 hyps[entry.path] = best_text(captions)
         refs = {e.path: e.raw for e in self.val_entries}
         scores = score_captions(refs, hyps, meteor=self.cfg.meteor, warn=self.say)
+        parts = sorted({e.source for e in self.val_entries if e.source})
+        if len(parts) > 1:  # a mixed split: each collection's CIDEr and BLEU-4 too (scored on its own)
+            for part in parts:
+                ids = {e.path for e in self.val_entries if e.source == part}
+                own = score_captions({k: refs[k] for k in ids}, {k: hyps[k] for k in ids}, meteor=False)
+                scores.update({f"{m} {part}": own[m] for m in ("CIDEr", "BLEU-4") if m in own})
         self.last_hypotheses = hyps
         return scores
 
