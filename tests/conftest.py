@@ -76,3 +76,15 @@ def shared_images(n: int, split: str | None = None):
     chosen = [im for im in images if split is None or im["split"] == split][:n]
     return [SHARED_DATA / im["filepath"] / im["filename"] for im in chosen]
 
+
+
+def as_nobody() -> list[str]:
+    """A command prefix that runs a child as an unprivileged user (root reads and writes
+    everything, so tests of permissions need another user); [] when not root."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot drop privileges to test permissions")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

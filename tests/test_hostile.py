@@ -18,7 +18,7 @@ import pytest
 import sqlite_utils
 from click.testing import CliRunner
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, as_nobody
 from sat_cli.cli import cli
 
 NAMES = [
@@ -146,15 +146,6 @@ def test_special_files_are_failed_rows_never_opened(tmp_path, tiny_model):
     assert set(reasons) == {"pipe.jpg", "link-to-pipe.png", "sock.png", "device.jpg", "loop.jpg", "gone.png"}
 
 
-def _as_nobody():
-    """Run a child as an unprivileged user (root reads everything, so permissions need another user)."""
-    if os.geteuid() != 0:
-        return []
-    if not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: cannot drop privileges to test permissions")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
 def test_unreadable_folders_and_files_are_reported_not_fatal(tiny_model):
     base = Path(tempfile.mkdtemp(prefix="sat-perm-"))
     try:
@@ -171,7 +162,7 @@ def test_unreadable_folders_and_files_are_reported_not_fatal(tiny_model):
         os.chmod(photos / "locked", 0o000)
         os.chmod(photos / "secret.png", 0o000)
         env = {**os.environ, "HOME": str(base), "TORCH_HOME": str(base / "torch"), "HF_HOME": str(base / "hf")}
-        cmd = [*_as_nobody(), sys.executable, "-m", "sat_cli", "caption", str(photos), "--db", str(base / "p.db"),
+        cmd = [*as_nobody(), sys.executable, "-m", "sat_cli", "caption", str(photos), "--db", str(base / "p.db"),
                "--model", str(model), "--workers", "0"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode == 1, r.stderr

@@ -18,7 +18,7 @@ import pytest
 import sqlite_utils
 from PIL import Image
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, as_nobody
 
 
 def make_photos(folder: Path, n: int) -> Path:
@@ -88,14 +88,6 @@ def test_a_database_locked_by_another_program(tmp_path, tiny_model):
     assert consistent(db)["results"].count == 1
     r = sat("caption", photos, "--db", db, "--model", tiny_model, "--workers", "0", "-q")
     assert r.returncode == 0 and consistent(db)["results"].count == 3
-
-
-def as_nobody() -> list[str]:
-    if os.geteuid() != 0:
-        return []
-    if not shutil.which("setpriv"):
-        pytest.skip("root without setpriv: cannot drop privileges to test read-only files")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def test_read_only_database_and_folder(tiny_model):
