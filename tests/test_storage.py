@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import sqlite_utils
 from PIL import Image
 
