@@ -35,7 +35,7 @@ def check(ok: bool, what: str):
 def make_photos(folder: Path, n: int) -> list[Path]:
     """n distinct JPEGs made from the example photos (crops, flips, colour changes)."""
     folder.mkdir(parents=True, exist_ok=True)
-    sources = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples").glob("*.*")) if p.suffix != ".md"]
+    sources = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples").glob("*.*")) if p.suffix in (".png", ".jpg")]
     rng = random.Random(0)
     paths = []
     for i in range(n):

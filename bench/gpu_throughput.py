@@ -22,7 +22,7 @@ def make(args):
 
     from PIL import Image, ImageEnhance
 
-    sources = sorted(p for p in (ROOT / "examples").glob("*.*") if p.suffix != ".md")
+    sources = sorted(p for p in (ROOT / "examples").glob("*.*") if p.suffix in (".png", ".jpg"))
     rng = random.Random(i)
     im = Image.open(sources[i % len(sources)]).convert("RGB")
     w, h = im.size
