@@ -262,6 +262,9 @@ def test_mosaic_features_put_the_captions_photo_in_one_quadrant():
         tiles[i, :, 0] = i  # channel 0: which image
         tiles[i, :, 1] = torch.arange(side * side)  # channel 1: the cell inside the tile
     own = torch.tensor([7, 2, 7])
+    filled = mosaic_features(tiles, own, fill=9).view(3, 2 * side, 2 * side, C)
+    owners = [sorted({int(filled[m, r * side, c * side, 0]) for r in (0, 1) for c in (0, 1)}) for m in range(3)]
+    assert owners == [[7, 9], [2, 9], [7, 9]]  # the caption's photo and three blank tiles
     out = mosaic_features(tiles, own, torch.Generator().manual_seed(0)).view(3, 2 * side, 2 * side, C)
     for m in range(3):
         quadrants = [out[m, r * side : (r + 1) * side, c * side : (c + 1) * side] for r in (0, 1) for c in (0, 1)]
@@ -276,7 +279,12 @@ def test_mosaic_training_builds_half_size_tiles_and_trains(small_set, tmp_path):
     trainer = Trainer(tiny_config(small_set, tmp_path, mosaic=0.5, image_size=256, epochs=1))
     trainer.setup()
     assert trainer.train_feats.shape[1] == 64 and trainer.tile_feats.shape[1] == 16  # 8x8 and 4x4 grids
+    assert len(trainer.tile_feats) == len(trainer.train_entries) + 1  # and a blank tile
     assert trainer.run()["epoch"] == 1
+    blank = Trainer(tiny_config(small_set, tmp_path, mosaic=1.0, mosaic_fill="blank", image_size=256, epochs=1,
+                                out=str(tmp_path / "blank")))
+    blank.setup()
+    assert blank.run()["epoch"] == 1
     with pytest.raises(Exception, match="halves"):  # 224 px: a 7x7 grid has no half
         Trainer(tiny_config(small_set, tmp_path, mosaic=0.5, out=str(tmp_path / "odd"))).setup()
 

@@ -62,6 +62,9 @@ class TrainConfig:
     mosaic: float = opt(0.0, "Share of training captions shown inside a 2x2 mosaic of four training photos (their "
                              "features at half size, tiled; the caption's photo in a random quadrant), so the "
                              "decoder learns to look where the words are.", min=0.0, max=1.0)
+    mosaic_fill: str = opt("photos", "What fills a mosaic's other three quadrants: other training photos, or blank "
+                                     "(mid-grey) tiles, so the caption's photo is the only content to find.",
+                           choices=("photos", "blank"))
     label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy.", min=0.0, max=1.0)
     grad_clip: float = opt(5.0, "Clip gradients to this norm.")
     min_word_freq: int = opt(5, "Words seen fewer times in the training captions become <unk>.", min=1)

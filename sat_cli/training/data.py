@@ -55,15 +55,16 @@ def pixel_batches(paths: list[str], preprocess, groups, workers: int):
         yield pixels
 
 
-def mosaic_features(tiles, own, generator=None):
+def mosaic_features(tiles, own, generator=None, fill: int | None = None):
     """Feature grids of 2x2 mosaics: ``tiles`` (N, h*w, C) half-size grids of every training
     image, ``own`` (M,) the image each mosaic must contain; it lands in a random quadrant, the
-    other three are random training images. -> (M, 4*h*w, C) laid out as a (2h, 2w) grid."""
+    other three are random training images, or all the tile ``fill`` (a blank image's grid).
+    -> (M, 4*h*w, C) laid out as a (2h, 2w) grid."""
     import torch
 
     M, n = len(own), tiles.shape[0]
     side = int(round(tiles.shape[1] ** 0.5))
-    ids = torch.randint(n, (M, 4), generator=generator)
+    ids = torch.randint(n, (M, 4), generator=generator) if fill is None else torch.full((M, 4), fill)
     where = torch.randint(4, (M,), generator=generator)
     ids[torch.arange(M), where] = own
     grid = tiles[ids].view(M, 2, 2, side, side, -1)  # (M, row, col, h, w, C)

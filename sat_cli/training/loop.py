@@ -59,7 +59,9 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
                     chosen = (torch.rand(len(idx)) < cfg.mosaic).nonzero().squeeze(1)
                     if len(chosen):
                         feats = feats.clone()
-                        feats[chosen] = mosaic_features(t.tile_feats, images[chosen]).to(feats.dtype)
+                        fill = len(t.tile_feats) - 1 if cfg.mosaic_fill == "blank" else None  # the blank tile is last
+                        feats[chosen] = mosaic_features(t.tile_feats if fill is not None else t.tile_feats[:-1],
+                                                        images[chosen], fill=fill).to(feats.dtype)
                 feats = feats.to(device, non_blocking=True).float()
             # hard attention: each caption reads sampled locations with probability 0.5, else
             # the expected context (Xu et al. 2015, section 4.1)

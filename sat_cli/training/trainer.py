@@ -158,7 +158,7 @@ class Trainer:
 
     def half_size_features(self, shas: dict):
         """Features of every training image at half the input size (half the grid), the tiles of
-        mosaic training, through the same cache."""
+        mosaic training, through the same cache; the last row is a blank (mid-grey) image's."""
         import numpy as np
         import torch
 
@@ -183,7 +183,12 @@ class Trainer:
                                                  quiet=cfg.quiet or not self.dist.main, rank=self.dist.rank,
                                                  world=self.dist.world)):
             half_shas.update(part)
-        return torch.from_numpy(np.stack([cache.load(half_shas[e.path]) for e in self.train_entries]))
+        tiles = torch.from_numpy(np.stack([cache.load(half_shas[e.path]) for e in self.train_entries]))
+        from ..pipeline import encode
+
+        grey = torch.full((1, 3, *half.preprocess.size), 128, dtype=torch.uint8)
+        blank = encode(half.to(self.device).eval(), grey, self.device, self.precision).cpu().to(tiles.dtype)
+        return torch.cat([tiles, blank])
 
     def start_fine_tuning(self):
         import torch
