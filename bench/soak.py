@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from sat_cli.queries import stored_results
+
 HOSTILE_KINDS = ("random-bytes", "empty", "truncated-png", "text", "named-pipe", "socket", "broken-link", "link-loop",
                  "png-bomb", "gif-garbage")
 
@@ -176,19 +178,9 @@ def soak(n: int, kills: int, model: str | None, workers: int, seed: int,
                "--workers", str(workers), "--batch-size", "32", "-q"]
         runs, kills_done, lost = [], 0, 0.0
 
-        def stored() -> int:
-            try:
-                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-                try:
-                    return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-                finally:
-                    conn.close()
-            except sqlite3.Error:
-                return 0  # not created yet
-
         while True:
             t0 = time.perf_counter()
-            before = stored() if db.exists() else 0
+            before = stored_results(db, timeout=5) if db.exists() else 0
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             kill_at = rng.uniform(*kill_window) if kills_done < kills else None
             peak, count, last_commit, first_commit, tick = 0.0, before, t0, None, 0
@@ -197,7 +189,7 @@ def soak(n: int, kills: int, model: str | None, workers: int, seed: int,
                 tick += 1
                 peak = max(peak, peak_rss_mib(proc.pid))
                 if tick % 5 == 0 and db.exists():
-                    now_count = stored()
+                    now_count = stored_results(db, timeout=5)
                     if now_count != count:
                         count, last_commit = now_count, time.perf_counter()
                         first_commit = first_commit or last_commit
@@ -207,7 +199,7 @@ def soak(n: int, kills: int, model: str | None, workers: int, seed: int,
                     break
             end = time.perf_counter()
             killed = proc.returncode == -signal.SIGKILL
-            after = stored()
+            after = stored_results(db, timeout=5)
             if runs and runs[-1]["killed"]:  # the restart: start-up until this run's first commit
                 lost += ((first_commit or end) - t0)
             if killed:

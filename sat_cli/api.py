@@ -28,26 +28,37 @@ __all__ = ["Captioner", "Caption", "Result", "load"]
 def _as_list(inputs) -> list:
     from .images import is_image_object
 
-    if isinstance(inputs, (str, os.PathLike)) or is_image_object(inputs):
+    if isinstance(inputs, (str, bytes, os.PathLike)) or is_image_object(inputs):
         return [inputs]
     return list(inputs)
 
 
 def expand(inputs: Iterable, recursive: bool = True) -> Iterator:
     """Inputs in order, folders and glob patterns expanded in place to their image files
-    (lazily); in-memory images pass through; a path that names nothing stays, to fail as a Result."""
-    from .images import discover, is_image_object
+    (lazily, as the walk goes); in-memory images pass through; an entry that cannot be opened (a
+    path that names nothing, a special file, an unreadable folder, an object that is neither an
+    image nor a path) stays, to fail as a Result with its reason."""
+    from .images import Found, discover, is_image_object
 
     for source in inputs:
         if is_image_object(source):
             yield source
             continue
-        found = list(discover([os.fspath(source)], recursive, unique=False))
-        if len(found) == 1 and found[0].error:
-            yield found[0]  # its error becomes the Result's
+        try:
+            arg = os.fsdecode(source)  # str, bytes (exact file-name bytes) or os.PathLike
+        except TypeError:
+            yield Found(None, f"not an image or a path: {type(source).__name__} (give a path, a PIL image "
+                              "or a uint8 numpy array)")
             continue
-        for f in found:
-            yield f.path
+        for found in discover([arg], recursive, unique=False):
+            yield found if found.error else found.path
+
+
+def _check_counts(batch_size: int, workers: int | None) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"workers must be a whole number of at least 0, not {workers!r}")
 
 
 class Captioner:
@@ -123,11 +134,15 @@ class Captioner:
         >>> for r in cap.stream(Path("archive").rglob("*.jpg"), batch_size=64, workers=4):
         ...     print(r.path, r.text)
         """
+        _check_counts(batch_size, workers)  # bad arguments raise here, not at the first result
+        settings = settings or self.settings(beam, n_best, max_len, length_penalty, no_repeat_ngram)
+        sources = expand(_as_list(inputs) if not isinstance(inputs, Iterator) else inputs, recursive)
+        return self._results(sources, settings, batch_size, workers, attention, read_timeout)
+
+    def _results(self, sources, settings, batch_size, workers, attention, read_timeout) -> Iterator[Result]:
         from .pipeline import caption_batches
         from .runtime import precision_scope
 
-        settings = settings or self.settings(beam, n_best, max_len, length_penalty, no_repeat_ngram)
-        sources = expand(_as_list(inputs) if not isinstance(inputs, Iterator) else inputs, recursive)
         with precision_scope(self.device, self.precision):
             for batch in caption_batches(self.model, sources, settings, batch_size=batch_size, workers=workers,
                                          attention=attention, read_timeout=read_timeout):
@@ -153,6 +168,7 @@ class Captioner:
         from .images import is_image_object
         from .runtime import precision_scope
 
+        _check_counts(batch_size, workers)
         paths = _as_list(inputs)
         if any(is_image_object(p) for p in paths):
             raise SatError("to_db stores files by path: give files, folders or globs (call the captioner "
@@ -162,7 +178,7 @@ class Captioner:
                                  recursive=recursive, quiet=not progress, read_timeout=read_timeout,
                                  db_timeout=db_timeout)
         with precision_scope(self.device, self.precision):
-            return caption_to_db(self.model, [os.fspath(p) for p in paths], str(db), settings, options,
+            return caption_to_db(self.model, [os.fsdecode(p) for p in paths], str(db), settings, options,
                                  on_result=on_result)
 
 

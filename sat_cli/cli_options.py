@@ -15,7 +15,7 @@ def decode_options(fn):
         click.option("--n-best", type=click.IntRange(1),
                      help="Hypotheses to keep per image, at most the beam size (default: the whole beam; "
                           "more than the model's beam widens it)."),
-        click.option("--max-len", type=click.IntRange(1), help="Most words per caption (default 50)."),
+        click.option("--max-len", type=click.IntRange(1), help="Most words per caption (default: the model's, else 50)."),
         click.option("--length-penalty", type=float,
                      help="alpha in score = logprob / length**alpha; 0 ranks by log-probability (default: the model's, else 0)."),
         click.option("--no-repeat-ngram", type=click.IntRange(0),

@@ -80,7 +80,7 @@ def discover(inputs: list[str], recursive: bool = True, unique: bool = True) -> 
             yield found
 
     for arg in inputs:
-        arg = os.fspath(arg)
+        arg = os.fsdecode(arg)  # str, bytes or os.PathLike
         path = os.path.expanduser(arg)
         if os.path.isdir(path):
             for f in _walk(path, recursive):

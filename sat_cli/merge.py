@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SatError
+from .queries import read_only_uri
 
 RUN_IDENTITY = ("started_at", "model_fingerprint", "settings_key", "command", "device")  # runs without a uid
 
@@ -61,7 +62,7 @@ def _check_source(path: Path):
     if not path.is_file():
         raise SatError(f"Database not found: {path}")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = sqlite3.connect(read_only_uri(path), uri=True)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         conn.close()
     except sqlite3.DatabaseError as exc:
@@ -76,7 +77,7 @@ def _merge_one(db, source: Path) -> MergeCount:
     import sqlite3
 
     count = MergeCount(str(source))
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    src = sqlite3.connect(read_only_uri(source), uri=True)
     src.row_factory = sqlite3.Row
     try:
         run_map = _merge_runs(db, src, source, count)
@@ -100,6 +101,7 @@ def _merge_runs(db, src, source: Path, count: MergeCount) -> dict[int, int]:
                               [row.get(c) for c in RUN_IDENTITY]).fetchone()
         if same:
             run_map[row["id"]] = same[0]
+            _refresh_run(db, same[0], row)
             continue
         provenance = row.get("merged_from") or json.dumps({"database": str(source), "run": row["id"]})
         new_id = db.execute(
@@ -108,6 +110,18 @@ def _merge_runs(db, src, source: Path, count: MergeCount) -> dict[int, int]:
         run_map[row["id"]] = new_id
         count.runs += 1
     return run_map
+
+
+RUN_OUTCOME = ("finished_at", "status", "captioned", "skipped", "failed")
+
+
+def _refresh_run(db, run_id: int, row: dict) -> None:
+    """A run merged before while it was still going (or interrupted) and since finished or resumed
+    in its own database: take its newer outcome."""
+    old = db.execute(f"SELECT {', '.join(RUN_OUTCOME)} FROM runs WHERE id = ?", [run_id]).fetchone()
+    new = tuple(row.get(c) for c in RUN_OUTCOME)
+    if (new[0] or "") > (old[0] or ""):  # finished_at: ISO times, None while running
+        db.execute(f"UPDATE runs SET {', '.join(c + ' = ?' for c in RUN_OUTCOME)} WHERE id = ?", [*new, run_id])
 
 
 def _merge_results(db, src, run_map: dict[int, int], count: MergeCount):

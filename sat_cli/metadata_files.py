@@ -4,6 +4,7 @@ new one, never half of either. exiftool does the rewriting of existing files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -63,11 +64,25 @@ def _fsync_folder(path: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _beside(path: str):
+    """A temporary name next to ``path`` (same folder, so a rename is atomic), removed afterwards
+    whatever happens; OS errors become one per-file message."""
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        _fsync_folder(path)
+    except OSError as exc:
+        raise FileProblem(f"cannot write: {exc.strerror or exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def create_file(path: str, data: bytes) -> None:
     """Write a new file atomically; refuse if one appeared meanwhile (another program's sidecar)."""
     check_writable(path, exists=False)
-    tmp = _temp_name(path)
-    try:
+    with _beside(path) as tmp:
         with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
@@ -80,12 +95,6 @@ def create_file(path: str, data: bytes) -> None:
             if os.path.exists(path):
                 raise FileProblem("a sidecar appeared while sat was writing: not changed (run again)") from None
             os.replace(tmp, path)
-        _fsync_folder(path)
-    except OSError as exc:
-        raise FileProblem(f"cannot write: {exc.strerror or exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def backup_path(path: str) -> str:
@@ -98,8 +107,7 @@ def rewrite(et, path: str, args: list, backup: bool) -> str | None:
     original (atomic). With ``backup`` the original is kept as ``path_original`` (an existing
     backup, the oldest original, is never replaced). Returns the backup's path, if any."""
     check_writable(path, exists=True)
-    tmp = _temp_name(path)
-    try:
+    with _beside(path) as tmp:
         out, err = et.execute(*args, "-o", tmp, path)
         if not os.path.exists(tmp) or not re.search(r"[1-9]\d* image files? (created|updated)", out):
             raise FileProblem(_exiftool_reason(err, path) or "exiftool wrote nothing")
@@ -114,13 +122,7 @@ def rewrite(et, path: str, args: list, backup: bool) -> str | None:
                 except OSError:
                     shutil.copy2(path, kept)
         os.replace(tmp, path)
-        _fsync_folder(path)
-        return kept
-    except OSError as exc:
-        raise FileProblem(f"cannot write: {exc.strerror or exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return kept
 
 
 def remove_file(path: str) -> None:

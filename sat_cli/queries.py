@@ -3,6 +3,7 @@ for `sat eval`, what a rerun skips. Writes live in store.py."""
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 from pathlib import Path
@@ -55,6 +56,25 @@ def done_hashes(db, fingerprint: str, settings_key: str) -> frozenset[str]:
 
 def results_of_run(db, run_id: int) -> int:
     return db.execute("SELECT COUNT(*) FROM results WHERE run_id = ?", [run_id]).fetchone()[0]
+
+
+def read_only_uri(path) -> str:
+    """An SQLite URI that opens ``path`` read-only and never creates it: the name percent-encoded,
+    so ``#``, ``?`` and ``%`` in it are part of the name."""
+    return Path(os.fsdecode(path)).absolute().as_uri() + "?mode=ro"
+
+
+def stored_results(db_path, timeout: float = 1.0) -> int:
+    """Results in a database that another process may be creating or writing right now, read
+    without taking part in it (read-only, no migration); 0 until it can be read."""
+    try:
+        conn = sqlite3.connect(read_only_uri(db_path), uri=True, timeout=timeout)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
 
 
 def caption_rows(db, run: int | None = None, best: bool = False, failed: bool = True, attention: bool = False):

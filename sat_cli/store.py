@@ -4,6 +4,7 @@ migrations.py; reads in queries.py)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def migration_lock(path: Path):
+def migration_lock(path: Path, timeout: float = 120.0):
     """A lock that makes processes on this machine take turns migrating one database (torchrun
     ranks creating a new database at the same moment would otherwise both create its tables).
     It lives in the temporary folder, keyed by the database's real path, not beside the database;
@@ -30,8 +31,8 @@ def migration_lock(path: Path):
 
     from filelock import FileLock
 
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
-    return FileLock(str(Path(tempfile.gettempdir()) / f"sat-db-{key}.lock"), timeout=120)
+    key = hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:24]  # any name, UTF-8 or not
+    return FileLock(str(Path(tempfile.gettempdir()) / f"sat-db-{key}.lock"), timeout=timeout)
 
 
 class StorageError(SatError):
@@ -95,8 +96,18 @@ def open_db(path: str | Path, must_exist: bool = False, timeout: float = 60.0):
             if db.journal_mode != "wal":
                 db.enable_wal()
             db.execute("PRAGMA foreign_keys = ON")
-            with migration_lock(p):
+            lock = migration_lock(p, max(timeout, 1.0))
+            try:
+                lock.acquire()
+            except OSError as exc:  # filelock.Timeout, or a temporary folder that cannot be written
+                db.close()
+                raise StorageError(
+                    f"Cannot take the lock that orders migrations of {p} ({lock.lock_file}: {exc.strerror or exc}); "
+                    "another sat process may be migrating it. Run again; nothing was lost.") from exc
+            try:
                 apply_migrations(db)
+            finally:
+                lock.release()
             break
         except sqlite3.OperationalError as exc:
             if db is not None:

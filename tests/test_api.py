@@ -56,6 +56,30 @@ def test_one_bad_input_is_a_value_not_an_exception(cap, tmp_path):
     assert out[1].text is None and out[1].attention is None and out[1].nbest == []
 
 
+def test_odd_inputs_and_special_files_in_folders_are_values_too(cap, tmp_path):
+    """None, numbers, tensors: an error Result each; a bytes path is a path; a named pipe inside a
+    folder is reported with its reason and never opened; bad batch sizes raise at the call."""
+    import os
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "rocket.jpg", folder / "rocket.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    out = cap([None, 7, os.fsencode(EXAMPLES / "camera.png"), folder, EXAMPLES / "coffee.png"])
+    assert [r.ok for r in out] == [False, False, True, False, True, True]
+    assert "not an image or a path: NoneType" in out[0].error and "int" in out[1].error
+    assert out[2].path == str(EXAMPLES / "camera.png")
+    assert out[3].path == str(folder / "pipe.jpg") and "named pipe" in out[3].error
+    assert out[4].path == str(folder / "rocket.jpg")
+    assert cap(os.fsencode(EXAMPLES / "rocket.jpg"))[0].ok  # one bytes path is one input, not a list of ints
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            cap.stream([EXAMPLES / "rocket.jpg"], batch_size=bad)
+    with pytest.raises(ValueError, match="batch_size"):
+        cap.to_db(tmp_path / "x.db", [EXAMPLES / "rocket.jpg"], batch_size=0)
+    assert not (tmp_path / "x.db").exists()
+
+
 def test_stream_is_lazy(cap):
     pulled = []
 

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from conftest import EXAMPLES
 from sat_cli.cli import cli
+from sat_cli.queries import stored_results
 
 
 def run(*args):
@@ -171,20 +172,6 @@ def test_two_nodes_only_rank_0_opens_the_database(photos, tmp_path, tiny_model):
     assert db["images"].count == 4 and db["results"].count == 4 and db["runs"].count == 1
 
 
-def stored(db_path) -> int:
-    """Results in a database another process may be creating right now (0 until it can be read)."""
-    import sqlite3
-
-    try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1)
-        try:
-            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
-
-
 def test_a_rank_that_dies_is_reported_and_a_rerun_finishes(tmp_path, tiny_model):
     """Rank 1 is killed mid-run: torchrun reports it, the database keeps what rank 0 stored and is
     consistent, and a rerun captions the rest (each photo once)."""
@@ -208,7 +195,7 @@ def test_a_rank_that_dies_is_reported_and_a_rerun_finishes(tmp_path, tiny_model)
     victim, deadline = None, time.monotonic() + 120
     while victim is None and time.monotonic() < deadline:  # rank 1, once rank 0 has stored something
         time.sleep(0.2)
-        if stored(db_path) >= 4:
+        if stored_results(db_path) >= 4:
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
                     environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")

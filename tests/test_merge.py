@@ -55,3 +55,40 @@ def test_merge_deduplicates_keeps_provenance_and_is_idempotent(tmp_path, tiny_mo
     assert refuse.exit_code == 2 and "both a source and the target" in refuse.stderr
     missing = CliRunner().invoke(cli, ["merge", str(tmp_path / "nope.db"), "--into", str(tmp_path / "x.db")])
     assert missing.exit_code == 2 and "not found" in missing.stderr
+
+
+def test_sources_with_uri_characters_in_their_names_are_only_read(tmp_path, tiny_model):
+    """A source named like an SQLite URI (``#``, ``?``, ``%``) is opened by its whole name, read
+    only: nothing named after the part before ``#`` is created."""
+    photos = tmp_path / "p"
+    photos.mkdir()
+    shutil.copy(EXAMPLES / "rocket.jpg", photos / "rocket.jpg")
+    odd = tmp_path / "a#b?c%41.db"
+    assert run("caption", photos, "--db", odd, "--model", tiny_model, "--workers", "0", "-q").exit_code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run("merge", odd, "--into", tmp_path / "all.db")
+    assert r.exit_code == 0, r.output
+    new = {p.name for p in tmp_path.iterdir()} - set(before)
+    assert {n for n in new if not n.endswith(("-wal", "-shm"))} == {"all.db"}  # SQLite's own WAL files aside
+    assert not (tmp_path / "a").exists()
+    assert sqlite_utils.Database(tmp_path / "all.db")["results"].count == 1
+
+
+def test_a_run_merged_while_it_was_going_gets_its_final_outcome(tmp_path, tiny_model):
+    photos = tmp_path / "p"
+    photos.mkdir()
+    for name in ("rocket.jpg", "coffee.png"):
+        shutil.copy(EXAMPLES / name, photos / name)
+    src = tmp_path / "a.db"
+    assert run("caption", photos, "--db", src, "--model", tiny_model, "--workers", "0", "-q").exit_code == 0
+    source = sqlite_utils.Database(src)
+    final = source["runs"].get(1)
+    source["runs"].update(1, {"status": "running", "finished_at": None, "captioned": 1})  # as seen mid-run
+    assert run("merge", src, "--into", tmp_path / "all.db").exit_code == 0
+    target = sqlite_utils.Database(tmp_path / "all.db")
+    assert target["runs"].get(1)["status"] == "running"
+    source["runs"].update(1, {k: final[k] for k in ("status", "finished_at", "captioned")})  # it finished
+    assert run("merge", src, "--into", tmp_path / "all.db").exit_code == 0
+    merged = target["runs"].get(1)
+    assert (merged["status"], merged["finished_at"], merged["captioned"]) == ("done", final["finished_at"], 2)
+    assert target["runs"].count == 1

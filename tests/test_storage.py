@@ -89,6 +89,27 @@ def test_a_database_locked_by_another_program(tmp_path, tiny_model):
     assert r.returncode == 0 and consistent(db)["results"].count == 3
 
 
+def test_a_held_migration_lock_and_a_database_name_that_is_not_utf8(tmp_path, tiny_model):
+    """Another sat process holding the lock that orders migrations: one clear message within
+    --db-timeout, exit 2; a database whose file name is not UTF-8 opens like any other."""
+    from sat_cli.store import migration_lock
+
+    photos = make_photos(tmp_path / "photos", 2)
+    db = tmp_path / "held.db"
+    lock = migration_lock(db)
+    lock.acquire()
+    try:
+        r = sat("caption", photos, "--db", db, "--model", tiny_model, "--workers", "0", "--db-timeout", "1")
+        assert r.returncode == 2 and "lock that orders migrations" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        lock.release()
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9.db")
+    r = subprocess.run([sys.executable, "-m", "sat_cli", "caption", str(photos), "--db", odd, "--model", str(tiny_model),
+                        "--workers", "0", "-q"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert consistent(os.fsdecode(odd))["results"].count == 2
+
+
 def test_read_only_database_and_folder(tiny_model):
     base = Path(tempfile.mkdtemp(prefix="sat-ro-"))
     try:
