@@ -262,6 +262,11 @@ def main():
           f"{out['unexpected_rows']}")
     peaks = [r["peak_rss_mib"] for r in out["runs"] if r["peak_rss_mib"]]
     print(f"peak RSS per run: min {min(peaks):.0f} MiB, max {max(peaks):.0f} MiB (ratio {max(peaks) / min(peaks):.3f})")
+    working = [(r["new_results"], r["peak_rss_mib"]) for r in out["runs"] if r["peak_rss_mib"] and r["new_results"]]
+    if len(working) > 1:  # runs killed before their first commit never reached the steady state
+        (few, low), (many, high) = min(working), max(working)
+        print(f"peak RSS of runs that stored results: {low:.0f} MiB after {few} results, {high:.0f} MiB after {many} "
+              f"(ratio {high / low:.3f})")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,16 @@ def save_checkpoint(path: str | Path, encoder, decoder, vocab, *, include_encode
     return out
 
 
+def _comparable(ck, key: str):
+    """A config part as the model reads it: the decoder with its defaults filled in, so a config
+    written before a field existed equals one that spells out that field's default."""
+    if key == "decoder":
+        from dataclasses import asdict
+
+        return asdict(ck.decoder.config)
+    return ck.config.get(key)
+
+
 def average_checkpoints(paths: list, out: str | Path, half: bool = False) -> Path:
     """Write the uniform average of the weights of several checkpoints of one model (same
     encoder, preprocessing, vocabulary and sizes: typically epochs of one run) to ``out``."""
@@ -234,7 +244,7 @@ def average_checkpoints(paths: list, out: str | Path, half: bool = False) -> Pat
     first = cks[0]
     for ck in cks[1:]:
         for key in MODEL_FIELDS:
-            if ck.config.get(key) != first.config.get(key):
+            if _comparable(ck, key) != _comparable(first, key):
                 raise CheckpointError(
                     f"{ck.path} and {first.path} differ in their {key}: only checkpoints of one model "
                     "(same encoder, preprocessing, vocabulary and sizes, e.g. epochs of one run) can be averaged")

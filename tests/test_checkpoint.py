@@ -149,3 +149,26 @@ def test_average_refuses_checkpoints_of_different_models(tmp_path):
     assert not (tmp_path / "x").exists()
     one = CliRunner().invoke(cli, ["average", str(a), "--out", str(tmp_path / "x")])
     assert one.exit_code == 2 and "at least two" in one.output
+
+
+def test_average_accepts_a_config_written_before_the_newer_decoder_fields(tmp_path):
+    """The shipped model's config predates `attention`, `hard_inference` and `init_state`; a model
+    fine-tuned from it spells out their defaults. Both are one model and average; a real
+    difference in one of those fields is still refused."""
+    from click.testing import CliRunner
+
+    from sat_cli.cli import cli
+
+    old, new = build_tiny_model(tmp_path / "old", seed=0), build_tiny_model(tmp_path / "new", seed=1)
+    config = json.loads((old / "config.json").read_text())
+    for field in ("attention", "hard_inference", "init_state"):
+        config["decoder"].pop(field, None)
+    (old / "config.json").write_text(json.dumps(config))
+    assert "init_state" in json.loads((new / "config.json").read_text())["decoder"]
+    result = CliRunner().invoke(cli, ["average", str(old), str(new), "--out", str(tmp_path / "avg")])
+    assert result.exit_code == 0, result.output
+    argmax = json.loads((new / "config.json").read_text())
+    argmax["decoder"]["hard_inference"] = "argmax"  # same weights, other captions
+    (new / "config.json").write_text(json.dumps(argmax))
+    refused = CliRunner().invoke(cli, ["average", str(old), str(new), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "differ in their decoder" in refused.output
