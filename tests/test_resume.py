@@ -12,6 +12,7 @@ import sqlite_utils
 from PIL import Image
 
 from conftest import EXAMPLES
+from sat_cli.queries import stored_results
 
 
 @pytest.fixture
@@ -30,20 +31,9 @@ def start(folder, db, model, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def committed(db):
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            return con.execute("select count(*) from results").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 def wait_for(db, n, proc, timeout=90):
     deadline = time.time() + timeout
-    while committed(db) < n:
+    while stored_results(db, timeout=5) < n:
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline
         time.sleep(0.02)
