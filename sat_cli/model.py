@@ -132,8 +132,11 @@ class Decoder(nn.Module):
         h, c, alpha, _ = self.advance(features, enc_proj, self.embedding(tokens), h, c)
         return self.fc(self.dropout(h)), h, c, alpha
 
-    def forward(self, features, captions, lengths=None, sample=None):
+    def forward(self, features, captions, lengths=None, sample=None, photo=None):
         """Teacher forcing. features (B, P, C); captions (B, T) starting with <start>.
+
+        ``photo`` (B,) long: caption b describes photo ``photo[b]`` of features (I, P, C); the
+        photo's grid is then projected once for all its captions (default: one photo a caption).
 
         ``lengths`` (caption lengths with <start> and <end>, sorted longest first) lets the batch
         shrink as captions end, so padding costs nothing. Returns the logits of the predicted
@@ -146,6 +149,22 @@ class Decoder(nn.Module):
         B, T = captions.shape
         steps = [T - 1] * B if lengths is None else [int(n) - 1 for n in lengths]
         T1 = max(steps)
+        if sample is None and self.config.attention == "soft" and steps == sorted(steps, reverse=True):
+            from .teacher import teacher_forcing
+
+            hs, alphas = teacher_forcing(self, features, captions, steps, photo)
+            loc_logps = None
+        else:
+            if photo is not None:
+                features = features[photo]
+            hs, alphas, loc_logps = self.stepwise(features, captions, steps, sample)
+        mask = torch.arange(T1, device=captions.device).unsqueeze(0) < torch.tensor(steps, device=captions.device).unsqueeze(1)
+        return self.fc(self.dropout(hs[mask])), alphas, loc_logps
+
+    def stepwise(self, features, captions, steps: list[int], sample=None):
+        """Teacher forcing one ``advance`` at a time (hard attention; the reference for
+        :func:`sat_cli.teacher.teacher_forcing`): -> hs (B, T1, D), alphas (B, T1, P), loc_logps."""
+        B, T1 = features.shape[0], max(steps)
         h, c, enc_proj = self.init_state(features)
         h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, D)
         emb = self.embedding(captions[:, :T1])  # (B, T1, E)
@@ -160,8 +179,7 @@ class Decoder(nn.Module):
             alphas[:n, t] = alpha[:, 0]
             if loc_logp is not None:
                 loc_logps[:n, t] = loc_logp[:, 0]
-        mask = torch.arange(T1, device=captions.device).unsqueeze(0) < torch.tensor(steps, device=captions.device).unsqueeze(1)
-        return self.fc(self.dropout(hs[mask])), alphas, loc_logps
+        return hs, alphas, loc_logps
 
 
 def attention_regularizer(alphas, mask):

@@ -1,5 +1,5 @@
-"""Training data as tensors: every caption padded into one tensor, batches of captions of
-similar length, and (when the encoder is fine-tuned) the pixels of each batch."""
+"""Training data as tensors: every caption padded into one tensor, batches of photos with all
+their captions (or of captions of similar length), and (when the encoder is fine-tuned) the pixels of each batch."""
 
 from __future__ import annotations
 
@@ -43,6 +43,38 @@ def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, r
     for i in range(0, len(order), pool):
         chunk = sorted(order[i : i + pool], key=lambda j: lengths[j])
         batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    random.Random(seed * 100003 + epoch).shuffle(batches)
+    return batches
+
+
+def photo_batches(image_index: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int,
+                  rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This rank's batches of caption indices for an epoch, every caption of a photo in the same
+    batch (so its features are projected once per step, not once per caption).
+
+    Photos are shuffled and sharded (DistributedSampler, seeded by epoch); within pools of 50
+    batches, photos of similar mean caption length are grouped, about ``batch_size`` captions a
+    batch, and the batch order is shuffled, so the recurrence runs few steps past most captions.
+    """
+    import random
+
+    from torch.utils.data import DistributedSampler
+
+    by_photo: dict[int, list[int]] = {}
+    for j, i in enumerate(image_index):
+        by_photo.setdefault(i, []).append(j)
+    photos = sorted(by_photo)
+    sampler = DistributedSampler(range(len(photos)), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=world > 1)
+    sampler.set_epoch(epoch)
+    order = [photos[i] for i in sampler]
+    per_batch = max(1, round(batch_size * len(photos) / max(1, len(image_index))))  # photos a batch
+    pool = per_batch * 50
+    mean_length = {p: sum(lengths[j] for j in js) / len(js) for p, js in by_photo.items()}
+    batches = []
+    for i in range(0, len(order), pool):
+        chunk = sorted(order[i : i + pool], key=lambda p: mean_length[p])
+        batches += [[j for p in chunk[k : k + per_batch] for j in by_photo[p]] for k in range(0, len(chunk), per_batch)]
     random.Random(seed * 100003 + epoch).shuffle(batches)
     return batches
 

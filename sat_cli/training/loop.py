@@ -21,7 +21,7 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
     from torch.nn.utils import clip_grad_norm_
 
     from ..runtime import autocast
-    from .data import length_batches, pixel_batches
+    from .data import length_batches, photo_batches, pixel_batches
 
     cfg, device, dist = t.cfg, t.device, t.dist
     t.decoder.train()
@@ -29,12 +29,20 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
     if tuning:
         t.encoder.train()
         freeze_batchnorm(t.encoder)
-    batches = length_batches(t.lengths.tolist(), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
+    if cfg.batching == "photo":
+        batches = photo_batches(t.image_index.tolist(), t.lengths.tolist(), cfg.batch_size, cfg.seed, epoch,
+                                dist.rank, dist.world)
+    else:
+        batches = length_batches(t.lengths.tolist(), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
+    # captions of one photo share its features (hard attention and mosaics change them per caption)
+    shared = cfg.attention == "soft" and not cfg.mosaic
     start_step = t.state["step"]
     if tuning:
         index = t.image_index.tolist()
-        pixels_iter = pixel_batches([e.path for e in t.train_entries], t.encoder.preprocess,
-                                    ([index[i] for i in b] for b in batches[start_step:]), t.workers)
+        groups = ([index[i] for i in b] for b in batches[start_step:])
+        if shared:  # each photo once
+            groups = (sorted(set(g)) for g in groups)
+        pixels_iter = pixel_batches([e.path for e in t.train_entries], t.encoder.preprocess, groups, t.workers)
     total, count = t.state["running"] if start_step else (0.0, 0)  # an interrupted epoch's mean so far
     samples = 0
     world = dist.world
@@ -46,12 +54,17 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
         order = lengths.argsort(descending=True, stable=True)
         idx, lengths = idx[order], lengths[order]
         caps = t.caps[idx, : int(lengths.max())].to(device, non_blocking=True)
+        images = t.image_index[idx]
+        photo = None
+        if shared:  # features of each photo once; photo[b]: caption b's row among them
+            images, photo = torch.unique(images, return_inverse=True)
+            photo = photo.to(device, non_blocking=True)
         with autocast(device, t.precision if device.type == "cuda" else "fp32"):
             if tuning:
-                pixels = next(pixels_iter)[order].to(device, non_blocking=True)
+                pixels = next(pixels_iter)
+                pixels = (pixels if shared else pixels[order]).to(device, non_blocking=True)
                 feats = t.encoder(pixels)
             else:
-                images = t.image_index[idx]
                 feats = t.train_feats[images]
                 if cfg.mosaic:  # some captions see their photo as one quadrant of a mosaic
                     from .data import mosaic_features
@@ -66,7 +79,7 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
             # hard attention: each caption reads sampled locations with probability 0.5, else
             # the expected context (Xu et al. 2015, section 4.1)
             sampled = (torch.rand(len(idx)) < 0.5).to(device) if cfg.attention == "hard" else None
-            logits, alphas, loc_logp = t.model(feats, caps, lengths.tolist(), sampled)
+            logits, alphas, loc_logp = t.model(feats, caps, lengths.tolist(), sampled, photo)
             loss, ce = caption_loss(logits.float(), alphas.float(), caps, lengths, cfg.attention_lambda,
                                     cfg.label_smoothing, t.vocab.pad)
             if sampled is not None and bool(sampled.any()):
