@@ -83,8 +83,8 @@ def main():
         sys.exit(1)
     print("device:", torch.cuda.get_device_name(0), flush=True)
 
-    from sat_cli.beam import DecodeSettings
-    from sat_cli.checkpoint import load_checkpoint
+    from sat_cli.model.beam import DecodeSettings
+    from sat_cli.model.checkpoint import load_checkpoint
     from sat_cli.pipeline import decode, encode, load_batches
 
     # 1. beam search: GPU == CPU on the same features (sat's pipeline: load, encode, decode)

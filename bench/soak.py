@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sat_cli.queries import stored_results
+from sat_cli.store.queries import stored_results
 
 HOSTILE_KINDS = ("random-bytes", "empty", "truncated-png", "text", "named-pipe", "socket", "broken-link", "link-loop",
                  "png-bomb", "gif-garbage")
@@ -154,8 +154,8 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def tiny_model(out: Path) -> str:
-    code = ("import sys; from sat_cli.checkpoint import save_checkpoint; from sat_cli.encoders import EncoderOptions, "
-            "create_encoder; from sat_cli.model import Decoder, DecoderConfig; from sat_cli.vocab import SPECIALS, Vocab; "
+    code = ("import sys; from sat_cli.model.checkpoint import save_checkpoint; from sat_cli.model.encoders import EncoderOptions, "
+            "create_encoder; from sat_cli.model.decoder import Decoder, DecoderConfig; from sat_cli.model.vocab import SPECIALS, Vocab; "
             "import torch; torch.manual_seed(0); e = create_encoder('timm:test_efficientnet', EncoderOptions("
             "pretrained=False, image_size=64)); v = Vocab([*SPECIALS, *'a dog cat on the grass man red'.split()]); "
             "d = Decoder(DecoderConfig(vocab_size=len(v), encoder_dim=e.out_dim, embed_dim=16, attention_dim=16, "

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from sat_cli.backbone import Encoder, load_into, load_weights_file
-from sat_cli.encoders import EncoderFamily, EncoderOptions, Preprocess, offline_weights, unknown_name_error
 from sat_cli.errors import EncoderError, WeightsError
+from sat_cli.model.backbone import Encoder, load_into, load_weights_file
+from sat_cli.model.encoders import EncoderFamily, EncoderOptions, Preprocess, offline_weights, unknown_name_error
 
 
 class TimmCNNEncoder(Encoder):

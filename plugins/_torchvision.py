@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sat_cli.backbone import Encoder, load_into, load_weights_file
-from sat_cli.encoders import EncoderFamily, EncoderOptions, Preprocess, unknown_name_error
 from sat_cli.errors import EncoderError, WeightsError
+from sat_cli.model.backbone import Encoder, load_into, load_weights_file
+from sat_cli.model.encoders import EncoderFamily, EncoderOptions, Preprocess, unknown_name_error
 from sat_cli_plugins.torchvision_resnet import DEFAULT_GRID, MODELS
 
 

@@ -19,14 +19,14 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .beam import DecodeSettings
+from .model.beam import DecodeSettings
 from .records import Caption, Result
 
 __all__ = ["Captioner", "Caption", "Result", "load"]
 
 
 def _as_list(inputs) -> list:
-    from .images import is_image_object
+    from .inputs.images import is_image_object
 
     if isinstance(inputs, (str, bytes, os.PathLike)) or is_image_object(inputs):
         return [inputs]
@@ -38,7 +38,7 @@ def expand(inputs: Iterable, recursive: bool = True) -> Iterator:
     (lazily, as the walk goes); in-memory images pass through; an entry that cannot be opened (a
     path that names nothing, a special file, an unreadable folder, an object that is neither an
     image nor a path) stays, to fail as a Result with its reason."""
-    from .images import Found, discover, is_image_object
+    from .inputs.images import Found, discover, is_image_object
 
     for source in inputs:
         if is_image_object(source):
@@ -165,7 +165,7 @@ class Captioner:
         """
         from .captioning import CaptionOptions, caption_to_db
         from .errors import SatError
-        from .images import is_image_object
+        from .inputs.images import is_image_object
         from .runtime import precision_scope
 
         _check_counts(batch_size, workers)
@@ -194,7 +194,7 @@ def load(model: str | Path | None = None, device: str = "auto", precision: str =
     On Linux, CPU captioning is about twice as fast after ``sat_cli.runtime.keep_freed_memory()``
     (a process-wide malloc setting that `sat caption` applies; call it yourself if you want it).
     """
-    from .checkpoint import load_checkpoint
+    from .model.checkpoint import load_checkpoint
     from .runtime import Dist, resolve_device, resolve_precision
 
     dist = Dist()

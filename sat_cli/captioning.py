@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .beam import DecodeSettings
 from .errors import SatError
+from .model.beam import DecodeSettings
 from .records import Result
 
 
@@ -52,10 +52,10 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
     Under torchrun each rank captions every WORLD_SIZE-th file and sends its results to rank 0,
     the only process that opens the database (so ranks on other machines never touch the SQLite
     file). A rank that dies ends the run; what rank 0 stored stays, and a rerun does the rest."""
-    from .images import discover
+    from .inputs.images import discover
     from .pipeline import caption_batches
     from .runtime import Dist, StopSignal, default_workers
-    from .store import Store, open_db
+    from .store.writes import Store, open_db
 
     dist = dist or Dist()
     dist.init_objects()
@@ -79,7 +79,7 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
     writer = _Writer(summary, store, fingerprint, key, on_result) if dist.main else None
     if writer:
         writer.write([Result(f.path, error=f.error) for f in found if f.error])
-    from .queries import done_hashes
+    from .store.queries import done_hashes
 
     done = dist.broadcast(frozenset() if options.force or not dist.main else done_hashes(db, fingerprint, key))
     workers = default_workers() if options.workers is None else options.workers
@@ -130,7 +130,7 @@ class _Writer:
                 self.on_result(r)
 
     def finish(self, status: str):
-        from .queries import results_of_run
+        from .store.queries import results_of_run
 
         summary, db = self.summary, self.store.db
         try:
@@ -193,7 +193,7 @@ def report(summary: Summary, db_path: str, console) -> None:
     )
     from rich.markup import escape
 
-    from .paths import printable
+    from .inputs.paths import printable
 
     for path, error in summary.failures[:10]:
         console.print(f"  [red]failed[/] {escape(printable(path))}: {escape(printable(error))}", highlight=False)

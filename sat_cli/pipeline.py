@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from typing import Iterable, Iterator
 
-from .beam import DecodeSettings
+from .model.beam import DecodeSettings
 from .records import Caption, Result
 
 NO_CAPTION = ("the model produced no caption (non-finite scores: the encoder's features may overflow; "
@@ -46,7 +46,7 @@ def load_batches(sources: Iterable, preprocess, batch_size: int | None, workers:
     (default: ``images.READ_TIMEOUT``) is given up as an error."""
     from torch.utils.data import DataLoader
 
-    from .images import READ_TIMEOUT, Sources, collate
+    from .inputs.images import READ_TIMEOUT, Sources, collate
 
     if batch_size is None:
         counter = itertools.count()
@@ -74,7 +74,7 @@ def encode(encoder, pixels, device, precision: str):
 def decode(model, features, settings: DecodeSettings, attention: bool = True) -> list[list[Caption]]:
     """Beam-decode features (N, P, C) with ``model`` (anything with ``decoder``, ``vocab`` and, for
     attention maps, ``grid``): the ranked captions of each image, [] when it produced none."""
-    from .beam import beam_search
+    from .model.beam import beam_search
 
     vocab = model.vocab
     block = getattr(model, "decode_defaults", dict)().get("block_specials", True)  # False: imported models
@@ -104,7 +104,7 @@ def best_text(captions: list[Caption]) -> str:
 def caption_batches(model, sources: Iterable, settings: DecodeSettings, *, batch_size: int = 64,
                     workers: int = 0, attention: bool = True, skip: frozenset[str] = frozenset(),
                     dedupe: bool = False, read_timeout: float | None = None) -> Iterator[list[Result]]:
-    """Caption ``sources`` a batch at a time with ``model`` (a :class:`~sat_cli.checkpoint.Checkpoint`
+    """Caption ``sources`` a batch at a time with ``model`` (a :class:`~sat_cli.model.checkpoint.Checkpoint`
     ready for inference: device, precision). Every input gets a Result, in order: captioned, failed
     (``error``) or skipped (its content is in ``skip``, or with ``dedupe`` was captioned earlier in
     this call)."""

@@ -12,7 +12,7 @@ from PIL import Image
 
 import sat_cli
 from conftest import EXAMPLES
-from sat_cli.cli import cli
+from sat_cli.cli.main import cli
 from sat_cli.errors import SatError
 
 
@@ -139,8 +139,8 @@ def test_caption_of_an_empty_folder_leaves_no_database(tmp_path, tiny_model):
 
 def test_train_options_come_from_the_config():
     """Every TrainConfig field is a `sat train` option with the same default (switches flip theirs)."""
-    from sat_cli.cli_models import config_from_options
-    from sat_cli.cli_models import train as train_command
+    from sat_cli.cli.models import config_from_options
+    from sat_cli.cli.models import train as train_command
     from sat_cli.training import TrainConfig
 
     options = {p.name: p for p in train_command.params}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sat_cli.beam import DecodeSettings, beam_search
-from sat_cli.model import Decoder, DecoderConfig, InferenceStep
+from sat_cli.model.beam import DecodeSettings, beam_search
+from sat_cli.model.decoder import Decoder, DecoderConfig, InferenceStep
 
 START, END = 1, 2
 BLOCKED = (0, 1, 3)  # <pad>, <start>, <unk>

@@ -11,8 +11,8 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from conftest import EXAMPLES
-from sat_cli.cli import cli
-from sat_cli.queries import stored_results
+from sat_cli.cli.main import cli
+from sat_cli.store.queries import stored_results
 
 
 def run(*args):

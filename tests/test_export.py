@@ -11,8 +11,8 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from conftest import EXAMPLES
-from sat_cli.cli import cli
-from sat_cli.export import coco_image_id
+from sat_cli.cli.main import cli
+from sat_cli.views.export import coco_image_id
 
 
 @pytest.fixture

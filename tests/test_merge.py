@@ -8,7 +8,7 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from conftest import EXAMPLES, build_tiny_model
-from sat_cli.cli import cli
+from sat_cli.cli.main import cli
 
 
 def run(*args):

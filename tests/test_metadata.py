@@ -17,10 +17,11 @@ from PIL import Image
 
 from conftest import EXAMPLES, build_tiny_model
 from rawfiles import make_dng
-from sat_cli import __version__, metadata_files
-from sat_cli.cli import cli
-from sat_cli.metadata import MetadataOptions, write_metadata
-from sat_cli.xmp import EXIFTOOL_CONFIG
+from sat_cli import __version__
+from sat_cli.cli.main import cli
+from sat_cli.metadata import files as metadata_files
+from sat_cli.metadata.apply import MetadataOptions, write_metadata
+from sat_cli.metadata.xmp import EXIFTOOL_CONFIG
 
 pytestmark = pytest.mark.skipif(not shutil.which("exiftool"), reason="exiftool is not installed "
                                 "(apt install libimage-exiftool-perl; .ci/run installs it)")
@@ -360,7 +361,7 @@ def pixels(path) -> np.ndarray:
 
         with rawpy.imread(str(path)) as raw:
             return raw.raw_image.copy()
-    from sat_cli.formats import register_heif
+    from sat_cli.inputs.formats import register_heif
 
     register_heif()
     with Image.open(path) as im:
@@ -368,7 +369,7 @@ def pixels(path) -> np.ndarray:
 
 
 def test_embed_keeps_pixels_bit_identical_and_writes_exif_xmp_iptc(tmp_path, tiny_model, config):
-    from sat_cli.formats import register_heif
+    from sat_cli.inputs.formats import register_heif
 
     register_heif()  # pillow-heif writes the test's HEIC file
     folder = tmp_path / "photos"

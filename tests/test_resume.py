@@ -12,7 +12,7 @@ import sqlite_utils
 from PIL import Image
 
 from conftest import EXAMPLES
-from sat_cli.queries import stored_results
+from sat_cli.store.queries import stored_results
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_sigterm_stops_cleanly(many_photos, tmp_path, tiny_model):
 
 def test_processes_creating_one_database_at_once_all_succeed(tmp_path):
     """torchrun ranks open (and so create and migrate) the same new database at the same moment."""
-    code = "import sys; from sat_cli.store import open_db; open_db(sys.argv[1])"
+    code = "import sys; from sat_cli.store.writes import open_db; open_db(sys.argv[1])"
     for attempt in range(5):  # without the migration lock, 2 of 60 such processes failed
         db_path = tmp_path / f"race{attempt}.db"
         procs = [subprocess.Popen([sys.executable, "-c", code, str(db_path)], stderr=subprocess.PIPE, text=True)
@@ -105,10 +105,10 @@ def test_an_interrupt_just_after_a_commit_is_still_counted(many_photos, tmp_path
     with what is stored."""
     import torch
 
-    from sat_cli.beam import DecodeSettings
     from sat_cli.captioning import CaptionOptions, caption_to_db
-    from sat_cli.checkpoint import load_checkpoint
-    from sat_cli.store import Store
+    from sat_cli.model.beam import DecodeSettings
+    from sat_cli.model.checkpoint import load_checkpoint
+    from sat_cli.store.writes import Store
 
     write_batch, written = Store.write_batch, []
 

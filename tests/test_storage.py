@@ -92,7 +92,7 @@ def test_a_database_locked_by_another_program(tmp_path, tiny_model):
 def test_a_held_migration_lock_and_a_database_name_that_is_not_utf8(tmp_path, tiny_model):
     """Another sat process holding the lock that orders migrations: one clear message within
     --db-timeout, exit 2; a database whose file name is not UTF-8 opens like any other."""
-    from sat_cli.store import migration_lock
+    from sat_cli.store.writes import migration_lock
 
     photos = make_photos(tmp_path / "photos", 2)
     db = tmp_path / "held.db"

@@ -14,14 +14,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import EXAMPLES
-from sat_cli.cli import cli
-from sat_cli.datasets import load_captions
+from sat_cli.cli.main import cli
 from sat_cli.errors import DataError
-from sat_cli.model import Decoder, DecoderConfig, attention_regularizer
+from sat_cli.evaluation.datasets import load_captions
+from sat_cli.model.decoder import Decoder, DecoderConfig, attention_regularizer
+from sat_cli.model.vocab import Vocab
 from sat_cli.training import TrainConfig
 from sat_cli.training.losses import caption_loss
 from sat_cli.training.trainer import Trainer
-from sat_cli.vocab import Vocab
 
 CAPTIONS = {
     "chelsea": ["a cat lying on a red blanket", "a tabby cat resting", "the cat looks at the camera"],
@@ -239,7 +239,7 @@ def test_hard_attention_training_writes_a_hard_model(small_set, tmp_path):
 def test_zero_initial_state_leaves_vision_to_the_attention(small_set, tmp_path):
     """--init-state zero: no projection of the mean feature; the first state is zero, and the
     checkpoint records it (it loads back strictly)."""
-    from sat_cli.checkpoint import load_checkpoint
+    from sat_cli.model.checkpoint import load_checkpoint
 
     dec = Decoder(DecoderConfig(vocab_size=10, encoder_dim=6, embed_dim=4, attention_dim=5, decoder_dim=7,
                                 init_state="zero"))
@@ -318,8 +318,8 @@ def test_training_learns_and_writes_checkpoints_and_metrics(small_set, tmp_path)
 
 
 def test_feature_cache_is_reused(small_set, tmp_path):
-    from sat_cli.encoders import create_encoder
     from sat_cli.features import FeatureCache
+    from sat_cli.model.encoders import EncoderOptions, create_encoder
 
     encoder = create_encoder("timm:tf_efficientnet_lite0")
     calls = []
@@ -333,8 +333,7 @@ def test_feature_cache_is_reused(small_set, tmp_path):
     second.encoder.register_forward_hook(lambda m, i, o: calls.append(len(o)))
     assert second.dir == cache.dir
     assert second.build(paths, torch.device("cpu"), "fp32", workers=0, quiet=True) == first and calls == []
-    other = FeatureCache(create_encoder("timm:tf_efficientnet_lite0", __import__("sat_cli.encoders").encoders
-                                        .EncoderOptions(grid=3)), tmp_path / "cache")
+    other = FeatureCache(create_encoder("timm:tf_efficientnet_lite0", EncoderOptions(grid=3)), tmp_path / "cache")
     assert other.dir != cache.dir  # another grid, another key
 
 
@@ -427,7 +426,7 @@ def test_fine_tuning_trains_the_encoder_and_stores_it(small_set, tmp_path):
 
 # ------------------------------------------------------------------ metrics and eval
 def test_metrics_on_a_known_tiny_case(monkeypatch):
-    from sat_cli import metrics
+    from sat_cli.evaluation import metrics
 
     refs = {1: ["a dog sits on grass"], 2: ["a red ball"]}
     same = metrics.score_captions(refs, {1: "a dog sits on grass", 2: "a red ball"}, meteor=False)
@@ -447,7 +446,7 @@ def test_metrics_on_a_known_tiny_case(monkeypatch):
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
 def test_meteor_with_java():
-    from sat_cli.metrics import score_captions
+    from sat_cli.evaluation.metrics import score_captions
 
     out = score_captions({1: ["a dog sits on the grass"], 2: ["a red ball"]},
                          {1: "a dog sits on the grass", 2: "a blue cube"})
@@ -484,7 +483,7 @@ def test_eval_model_and_database(small_set, tmp_path):
 def test_cider_d_matches_pycocoevalcap():
     from pycocoevalcap.cider.cider import Cider
 
-    from sat_cli.cider import CiderD
+    from sat_cli.evaluation.cider import CiderD
 
     refs = {0: ["a dog runs on the grass", "a brown dog running", "dog on grass"],
             1: ["a man rides a red bike", "a cyclist on a road", "man riding bicycle"],
@@ -505,7 +504,7 @@ class CatReward:
 
 
 def greedy_cat_share(trainer) -> float:
-    from sat_cli.beam import DecodeSettings, beam_search
+    from sat_cli.model.beam import DecodeSettings, beam_search
 
     v = trainer.vocab
     trainer.decoder.eval()

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import EXAMPLES, build_tiny_model
-from sat_cli.cli import cli
+from sat_cli.cli.main import cli
 
 INJECTED = '<img src=x onerror="document.title=1">&amp;.png'
 
@@ -59,7 +59,7 @@ def test_each_word_panel_lights_where_its_own_map_points(tmp_path):
     """On a white photo, word 1 attends only the top-left cell and word 2 only the bottom-right:
     each panel is bright where its own map points and dim elsewhere, and prints the real peak
     weight and entropy (a uniform third word shows entropy 1.00, not a sharp map)."""
-    from sat_cli.show import render
+    from sat_cli.views.show import render
 
     photo = tmp_path / "white.png"
     Image.new("RGB", (200, 200), "white").save(photo)
@@ -234,8 +234,8 @@ def test_html_gallery_in_a_real_browser(gallery_db, tmp_path):
             "SELECT words, grid_h, grid_w, data FROM attention_maps JOIN captions ON captions.id = caption_id "
             "JOIN results ON results.id = result_id JOIN images USING (sha256) WHERE images.path = ? AND rank = 1",
             [injected]).fetchone()
-        from sat_cli.pointing import map_stats
-        from sat_cli.queries import decode_attention
+        from sat_cli.evaluation.pointing import map_stats
+        from sat_cli.store.queries import decode_attention
 
         maps = decode_attention(dict(zip(("words", "grid_h", "grid_w", "data"), db_map)))
         peak, entropy = map_stats(maps[1])

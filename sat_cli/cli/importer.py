@@ -39,7 +39,7 @@ def sgrvinod(checkpoint, word_map, out, half):
           --word-map WORDMAP_coco_5_cap_per_img_5_min_word_freq.json --out models/sgrvinod
       sat caption ./photos --model models/sgrvinod --db out.db
     """
-    from .importers import import_sgrvinod
+    from ..importers import import_sgrvinod
 
     done = import_sgrvinod(checkpoint, word_map, out, half=half)
     size = sum(f.stat().st_size for f in done.path.iterdir() if f.is_file())

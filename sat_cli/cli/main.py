@@ -6,9 +6,13 @@ import sys
 
 import click
 
-from . import __version__, cli_import, cli_metadata, cli_models
-from .cli_options import DEVICE, PRECISION, decode_options, settings_for
-from .errors import SatError
+from .. import __version__
+from ..errors import SatError
+from . import importer as cli_import
+from . import metadata as cli_metadata
+from . import models as cli_models
+from .options import DEVICE, PRECISION, decode_options, settings_for
+
 
 class UserError(click.ClickException):
     exit_code = 2  # like click's usage errors: the command could not start
@@ -25,7 +29,7 @@ class SatGroup(click.Group):
         except SatError as exc:
             raise UserError(str(exc)) from exc
         except sqlite3.DatabaseError as exc:  # a read that met a damaged or locked database
-            from .store import storage_error
+            from ..store.writes import storage_error
 
             raise UserError(str(storage_error(exc, "the database"))) from exc
 
@@ -104,16 +108,16 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
       sat caption 'scans/**/*.tif' --device cuda --batch-size 256 --db out.db --print
       torchrun --nproc-per-node 4 -m sat_cli caption ./photos --db out.db
     """
-    from .api import load
-    from .captioning import report
-    from .progress import console
-    from .runtime import keep_freed_memory
+    from ..api import load
+    from ..captioning import report
+    from ..progress import console
+    from ..runtime import keep_freed_memory
 
     keep_freed_memory()
     cap = load(model_path, device=device, precision=precision, encoder_weights=encoder_weights)
     settings = settings_for(cap.model.decode_defaults(), decode)
 
-    from .paths import tsv_field
+    from ..inputs.paths import tsv_field
 
     def show(result):  # one line per image whatever its name holds (TSV escapes, as sat export)
         if result.captions:
@@ -126,7 +130,7 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
     if not quiet:
         report(summary, db_path, console)
     if xmp and not summary.interrupted:  # the sidecars of this run's photos (sat metadata does the rest)
-        from .metadata import sidecars_after_caption
+        from ..metadata.apply import sidecars_after_caption
 
         sys.exit(max(summary.exit_code, sidecars_after_caption(db_path, summary.run_id, xmp_name, quiet, console)))
     sys.exit(summary.exit_code)
@@ -163,7 +167,7 @@ def export(db_path, fmt, out, best, run, no_failed, attention, metadata, page_si
       sat export out.db --format coco --run 2 -o results.json
       sat export out.db --format html --out gallery/
     """
-    from .export import export_to
+    from ..views.export import export_to
 
     export_to(db_path, fmt, out, run=run, best=best, failed=not no_failed, attention=attention, page_size=page_size,
               quiet=quiet, metadata=metadata)
@@ -190,12 +194,12 @@ def show(db_path, image, out, rank, run, columns, panel):
       sat show out.db photos/dog.jpg --out dog.png
       sat show out.db 3f2a9c --rank 2
     """
-    from .progress import console
-    from .show import show as run_show
+    from ..progress import console
+    from ..views.show import show as run_show
 
     from rich.markup import escape
 
-    from .paths import printable
+    from ..inputs.paths import printable
 
     target, cap, words = run_show(db_path, image, out, rank=rank, run=run, columns=columns, panel=panel)
     console.print(f"{escape(printable(target))}: {cap['text']!r} ({len(words)} words, run {cap['run_id']})",
@@ -220,9 +224,9 @@ def search(db_path, query, limit, run, rank, as_json, as_csv):
       sat search out.db 'dog AND frisbee' --limit 20
       sat search out.db '"red bus" OR tram' --rank 1 --json
     """
-    from .queries import search as run_search
-    from .search import print_matches
-    from .store import open_db
+    from ..store.queries import search as run_search
+    from ..store.writes import open_db
+    from ..views.search import print_matches
 
     rows = run_search(open_db(db_path, must_exist=True), query, limit=limit, run=run, rank=rank)
     print_matches(rows, query, "json" if as_json else "csv" if as_csv else "table")
@@ -246,9 +250,9 @@ def merge(sources, into, quiet):
       sat merge node1.db node2.db node3.db --into all.db
       sat merge laptop.db --into archive.db
     """
-    from .merge import merge as run_merge
-    from .merge import report
-    from .progress import console
+    from ..progress import console
+    from ..store.merge import merge as run_merge
+    from ..store.merge import report
 
     summary = run_merge(list(sources), into)
     if not quiet:
@@ -264,7 +268,7 @@ def encoders(as_json):
     vit:vit_base_patch16_224. Third-party packages add families through the 'sat_cli' entry
     point group.
     """
-    from .encoders import print_families
+    from ..model.encoders import print_families
 
     print_families(as_json)
 

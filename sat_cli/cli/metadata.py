@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import SatError
+from ..errors import SatError
 
 
 @click.command()
@@ -48,8 +48,8 @@ def metadata(db_path, sidecar, sidecar_name, embed, backup, overwrite, dry_run, 
       sat metadata pics.db --sidecar --dry-run
       sat metadata pics.db --remove
     """
-    from .metadata import MetadataOptions, remove_metadata, report, write_metadata
-    from .progress import console
+    from ..metadata.apply import MetadataOptions, remove_metadata, report, write_metadata
+    from ..progress import console
 
     if list_writes:
         _print_listing(db_path)
@@ -73,8 +73,8 @@ def metadata(db_path, sidecar, sidecar_name, embed, backup, overwrite, dry_run, 
 def _print_listing(db_path: str) -> None:
     import json
 
-    from .metadata_store import listing
-    from .store import open_db
+    from ..metadata.table import listing
+    from ..store.writes import open_db
 
     for row in listing(open_db(db_path, must_exist=True)):
         click.echo(json.dumps(row, ensure_ascii=False))

@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 
 import click
 
-from .cli_options import DEVICE, PRECISION, decode_options, settings_for
+from .options import DEVICE, PRECISION, decode_options, settings_for
 
 
 def _option_for(f):
@@ -54,7 +54,7 @@ def _int_list(value, param):
 
 def train_options(fn):
     """Every TrainConfig field as an option of `sat train`: the config is the one source of defaults."""
-    from .training.config import TrainConfig
+    from ..training.config import TrainConfig
 
     for f in reversed(fields(TrainConfig)):
         if f.metadata.get("cli", True):
@@ -64,7 +64,7 @@ def train_options(fn):
 
 def config_from_options(options: dict):
     """TrainConfig from `sat train`'s parsed options (switches flip their field's default)."""
-    from .training import TrainConfig
+    from ..training import TrainConfig
 
     values = {}
     for f in fields(TrainConfig):
@@ -96,9 +96,9 @@ def train(resume_dir, **options):
       sat train --resume runs/b3
       torchrun --nproc-per-node 4 -m sat_cli train --data dataset_coco.json --images ./coco --out runs/b3
     """
-    from .runtime import Dist, keep_freed_memory
-    from .training import TrainConfig, report
-    from .training import train as run_training
+    from ..runtime import Dist, keep_freed_memory
+    from ..training import TrainConfig, report
+    from ..training import train as run_training
 
     ctx = click.get_current_context()
     given = config_from_options(options)
@@ -135,7 +135,7 @@ def average(checkpoints, out, half):
       sat average runs/x/best runs/x/last --out runs/x/avg
       sat average runs/x/best runs/x/last --out runs/x/avg --half
     """
-    from .checkpoint import average_checkpoints
+    from ..model.checkpoint import average_checkpoints
 
     path = average_checkpoints(list(checkpoints), out, half=half)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
@@ -174,8 +174,8 @@ def eval_command(db_path, model_path, data, images, split, references, run, devi
       sat eval --data captions.json --n-best 5 --json
       sat eval out.db --references dataset_coco.json
     """
-    from .evaluate import evaluate, print_scores
-    from .runtime import keep_freed_memory
+    from ..evaluation.evaluate import evaluate, print_scores
+    from ..runtime import keep_freed_memory
 
     if db_path and not references:
         raise click.UsageError("scoring a database needs --references CAPTION_FILE")

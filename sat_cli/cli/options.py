@@ -28,7 +28,7 @@ def decode_options(fn):
 
 def settings_for(defaults: dict, decode: dict):
     """The decode settings of caption and eval (one rule: sat_cli.pipeline.decode_settings)."""
-    from .pipeline import decode_settings
+    from ..pipeline import decode_settings
 
     try:
         return decode_settings(defaults, **decode)

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
-from .vocab import tokenize
+from ..errors import DataError
+from ..model.vocab import tokenize
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import SatError
+from ..errors import SatError
 
 
 def decode_split(model, entries, settings, cache_dir: str | None = None, use_cache: bool = True,
@@ -15,9 +15,9 @@ def decode_split(model, entries, settings, cache_dir: str | None = None, use_cac
     import numpy as np
     import torch
 
-    from .features import FeatureCache
-    from .pipeline import best_text, caption_batches, decode
-    from .runtime import default_workers
+    from ..features import FeatureCache
+    from ..pipeline import best_text, caption_batches, decode
+    from ..runtime import default_workers
 
     paths = [e.path for e in entries]
     workers = default_workers() if workers is None else workers
@@ -77,13 +77,13 @@ def evaluate(db_path: str | None, *, model_path=None, data=None, images=None, sp
              meteor=True, quiet=False) -> tuple[str, list[dict]]:
     """`sat eval`: (a description of what was scored, metric rows from :func:`score_parts`).
     ``settings_from(checkpoint)`` gives the decode settings for a model."""
+    from ..progress import console
     from .datasets import load_captions
-    from .progress import console
 
     warn = (lambda m: None) if quiet else (lambda m: console.print(f"[yellow]{m}"))
     if db_path:
-        from .queries import best_captions
-        from .store import open_db
+        from ..store.queries import best_captions
+        from ..store.writes import open_db
 
         if not references:
             raise SatError("scoring a database needs --references CAPTION_FILE")
@@ -96,8 +96,8 @@ def evaluate(db_path: str | None, *, model_path=None, data=None, images=None, sp
     else:
         if not data:
             raise SatError("give a DB_PATH with --references, or --data with a split to decode")
-        from .checkpoint import load_checkpoint
-        from .runtime import precision_scope, resolve_device, resolve_precision
+        from ..model.checkpoint import load_checkpoint
+        from ..runtime import precision_scope, resolve_device, resolve_precision
 
         entries = load_captions(data, images).split(split)
         if not entries:
@@ -125,8 +125,8 @@ def print_scores(source: str, rows: list[dict], as_json: bool = False) -> None:
                  for r in rows[1:]}
         sys.stdout.write(json.dumps({"source": source, **top, **({"parts": parts} if parts else {})}) + "\n")
         return
+    from ..progress import console
     from .metrics import metrics_table
-    from .progress import console
 
     console.print(metrics_table(rows if len(rows) > 1 else [{k: v for k, v in rows[0].items() if k != "part"}],
                                 title=source))

@@ -38,7 +38,7 @@ def _tokenize(captions: dict, java: bool) -> dict:
 
         with contextlib.redirect_stdout(io.StringIO()), _silence_stderr():
             return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
-    from .vocab import tokenize
+    from ..model.vocab import tokenize
 
     return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions.items()}
 

@@ -15,8 +15,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..records import Result
 from .formats import RAW_EXTENSIONS, open_photo
-from .records import Result
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .webp .bmp .dib .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .jp2 .avif .heic .heif .hif"

@@ -2,7 +2,7 @@
 managers read it (an XMP sidecar, or the file's own XMP/EXIF/IPTC), never over a person's
 description, merging into what is there; `--remove` takes back exactly what sat wrote.
 
-Decisions are metadata_plan's, file changes metadata_files', the records metadata_store's."""
+Decisions are plan's, file changes files', the records table's (all in this package)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from . import __version__
-from .metadata_files import FileProblem, create_file, remove_file, rewrite, sha256_file
-from .metadata_plan import owned_texts, plan_remove, plan_write, only_sat_left
-from .metadata_store import carry_results, mark_removed, records, save_write, targets
-from .paths import display
+from .. import __version__
+from ..inputs.paths import display
+from .files import FileProblem, create_file, remove_file, rewrite, sha256_file
+from .plan import owned_texts, plan_remove, plan_write, only_sat_left
+from .table import carry_results, mark_removed, records, save_write, targets
 from .xmp import (EMBED_EXTENSIONS, EMBED_FIELDS, EXIFTOOL_CONFIG, IPTC_FIELD, READ_TAGS, SIDECAR_FIELDS,
                   clean_caption, fields_for, new_sidecar, provenance, sidecar_path, write_args)
 
@@ -52,8 +52,8 @@ class MetadataSummary:
 def write_metadata(db_path: str, options: MetadataOptions, run: int | None = None,
                    of_run: int | None = None) -> MetadataSummary:
     """Write the best caption of each stored photo (all, ``run``'s model, or ``of_run``'s photos)."""
+    from ..store.writes import now, open_db
     from .exiftool import ExifTool
-    from .store import now, open_db
 
     db = open_db(db_path, must_exist=True)
     summary = MetadataSummary()
@@ -122,7 +122,7 @@ def _read(et, names: list[str], tags=READ_TAGS) -> dict:
 
 
 def _write_one(db, et, target, file, related, recorded, options, summary, stamp):
-    from .store import Store
+    from ..store.writes import Store
 
     caption = clean_caption(target.caption)
     iptc = EMBED_EXTENSIONS.get(os.path.splitext(file)[1].lower(), False)
@@ -158,8 +158,8 @@ def _write_one(db, et, target, file, related, recorded, options, summary, stamp)
 def remove_metadata(db_path: str, options: MetadataOptions, kinds=("sidecar", "embed")) -> MetadataSummary:
     """Take back what sat wrote (as recorded): restore the fields it replaced, delete the ones it
     added, delete sidecars it created that hold nothing else; descriptions edited since stay."""
+    from ..store.writes import Store, now, open_db
     from .exiftool import ExifTool
-    from .store import Store, now, open_db
 
     db = open_db(db_path, must_exist=True)
     summary = MetadataSummary()
@@ -209,7 +209,7 @@ def _describe(fields: dict) -> str:
 @contextmanager
 def _progress(options, total: int, label: str):
     """A progress bar over files; yields the function that advances it."""
-    from .progress import progress_bar
+    from ..progress import progress_bar
 
     with progress_bar("files", options.quiet or total == 0) as bar:
         task = bar.add_task(label, total=total, status="")

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 
-from .errors import SatError
+from ..errors import SatError
 
 INSTALL_HINT = ("sat needs exiftool to read and write photo metadata: install it with "
                 "`apt install libimage-exiftool-perl` (Debian/Ubuntu), `brew install exiftool` (macOS) "

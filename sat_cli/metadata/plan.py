@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .paths import display
+from ..inputs.paths import display
 from .xmp import DESCRIPTION, HUMAN_FIELDS, SAT_TAGS, clean_caption, is_placeholder
 
 OWN_TEXT = "XMP-sat:SatDescription"

@@ -1,5 +1,5 @@
 """The metadata_writes table (migration m002): what sat wrote into which file, from which caption.
-Reads and writes of `sat metadata`; the write transaction is store.Store's."""
+Reads and writes of `sat metadata`; the write transaction is store.writes.Store's."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from .errors import SatError
-from .paths import display
-from .queries import fs_path
+from ..errors import SatError
+from ..inputs.paths import display
+from ..store.queries import fs_path
 
 
 @dataclass

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import WeightsError
 from .encoders import Preprocess
-from .errors import WeightsError
 
 
 class Encoder(nn.Module):

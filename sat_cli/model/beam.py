@@ -100,7 +100,7 @@ def _beam_search(torch, decoder, features, settings, start, end, blocked, attent
     dev = features.device
     neg_inf = float("-inf")
 
-    from .model import InferenceStep
+    from .decoder import InferenceStep
 
     # About a dozen words per caption: the expected hypothesis-steps decide whether a word table pays.
     step = decoder.step if decoder.training else InferenceStep(decoder, expected_steps=B0 * K * min(L, 12))

@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
+from ..errors import CheckpointError, SatError
 from .encoders import EncoderOptions, Preprocess
-from .errors import CheckpointError, SatError
 
 FORMAT = "sat-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
-DEFAULT_MODEL = Path(__file__).parent / "models" / "default"
+DEFAULT_MODEL = Path(__file__).parent.parent / "models" / "default"
 MODEL_FIELDS = ("encoder", "preprocess", "decoder", "vocab")  # the config parts that change the output
 
 
@@ -126,8 +126,8 @@ class Checkpoint:
 def load_checkpoint(path: str | Path | None = None, encoder_weights: str | None = None) -> Checkpoint:
     """Load a checkpoint folder (default: the model shipped with sat) on the CPU."""
     from .backbone import load_into
+    from .decoder import Decoder, DecoderConfig
     from .encoders import create_encoder
-    from .model import Decoder, DecoderConfig
     from .vocab import Vocab
 
     if path is None:

@@ -1,7 +1,7 @@
 """Encoder specs (``prefix:name``), the registry of encoder families and their options.
 
 Plugins register families through the ``register_encoders`` hook; this module turns a spec
-string into an :class:`~sat_cli.backbone.Encoder`. Nothing here imports torch.
+string into an :class:`~sat_cli.model.backbone.Encoder`. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import difflib
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from .errors import EncoderError
+from ..errors import EncoderError
 from .plugins import load_plugins, pm
 
 

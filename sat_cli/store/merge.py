@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SatError
+from ..errors import SatError
 from .queries import read_only_uri
 
 RUN_IDENTITY = ("started_at", "model_fingerprint", "settings_key", "command", "device")  # runs without a uid
@@ -33,7 +33,7 @@ class MergeSummary:
 def merge(sources: list[str | Path], into: str | Path, progress=None) -> MergeSummary:
     """Merge ``sources`` into ``into`` (created if missing), each source in one transaction: a
     crash or a full disk leaves the target as it was before that source."""
-    from .store import Store, open_db
+    from .writes import Store, open_db
 
     target_path = Path(into).expanduser()
     resolved = {Path(s).expanduser().resolve() for s in sources}
@@ -66,7 +66,7 @@ def _check_source(path: Path):
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         conn.close()
     except sqlite3.DatabaseError as exc:
-        from .store import storage_error
+        from .writes import storage_error
 
         raise storage_error(exc, path) from exc
     if not {"runs", "images", "results", "captions", "attention_maps"} <= tables:
@@ -168,7 +168,7 @@ def _merge_images(db, src, run_map: dict[int, int], count: MergeCount):
 def report(summary: MergeSummary, console) -> None:
     from rich.markup import escape
 
-    from .paths import printable
+    from ..inputs.paths import printable
 
     for c in summary.sources:
         console.print(f"{escape(printable(c.source))}: {c.runs} runs, {c.results} results added "

@@ -1,5 +1,5 @@
 """Every read of a sat database: export rows, search, the images of `sat show`, stored captions
-for `sat eval`, what a rerun skips. Writes live in store.py."""
+for `sat eval`, what a rerun skips. Writes live in writes.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import sqlite3
 from pathlib import Path
 
-from .errors import SatError
+from ..errors import SatError
 
 SEARCH_HELP = (
     'FTS5 syntax: plain words (all must match), "an exact phrase", AND / OR / NOT in capitals, '
@@ -18,7 +18,7 @@ SEARCH_HELP = (
 
 def fs_path(row: dict) -> str:
     """The path that opens an images row's file again (its exact stored bytes)."""
-    from .paths import from_bytes
+    from ..inputs.paths import from_bytes
 
     raw = row.get("path_bytes")
     return from_bytes(raw) if raw is not None else row["path"]
@@ -141,7 +141,7 @@ def search(db, query: str, limit: int = 20, run: int | None = None, rank: int | 
 
 def find_image(db, selector: str) -> dict:
     """An images row by path (full, relative or unique suffix), sha256 prefix or row id."""
-    from .paths import to_bytes
+    from ..inputs.paths import to_bytes
 
     rows = []
     p = Path(selector).expanduser()

@@ -10,9 +10,9 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import SatError
+from ..errors import SatError
+from ..records import Result
 from .migrations import apply_migrations
-from .records import Result
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -170,7 +170,7 @@ class Store:
 
         import torch
 
-        from . import __version__
+        from .. import __version__
 
         import uuid
 
@@ -196,7 +196,7 @@ class Store:
 
     def write_batch(self, run_id: int, records: list[Result], fingerprint: str, settings_key: str):
         """Store one batch in one transaction: a crash loses this batch or nothing."""
-        from .paths import display, to_bytes
+        from ..inputs.paths import display, to_bytes
 
         stamp = now()
         with self.write():

@@ -29,7 +29,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop=None) -> dict:
 
 def report(cfg: TrainConfig, summary: dict) -> None:
     """The end of `sat train` (stderr, rank 0): the per-epoch table and where the best model is."""
-    from ..metrics import metrics_table
+    from ..evaluation.metrics import metrics_table
     from ..progress import console
 
     rows = read_metrics(cfg.out)

@@ -10,8 +10,8 @@ import os
 import re
 from typing import Iterator
 
-from .errors import SatError
-from .queries import caption_rows, check_run, decode_attention, one_result_set
+from ..errors import SatError
+from ..store.queries import caption_rows, check_run, decode_attention, one_result_set
 
 FORMATS = ("csv", "tsv", "json", "jsonl", "coco")
 FLAT_COLUMNS = ("path", "sha256", "width", "height", "run", "rank", "caption", "score", "logprob",
@@ -121,8 +121,8 @@ def _tsv(rows) -> Iterator[str]:
     other control characters and the bytes of a name that are not UTF-8 are escaped
     (``\\\\ \\t \\n \\r \\xNN``, as PostgreSQL's text format), so every row is one line and the
     exact file name can be recovered."""
-    from .paths import tsv_field
-    from .queries import fs_path
+    from ..inputs.paths import tsv_field
+    from ..store.queries import fs_path
 
     lines = ["\t".join(FLAT_COLUMNS)]
     for row in rows:
@@ -158,7 +158,7 @@ def export_to(db_path: str, fmt: str, out: str | None = None, run: int | None = 
     import sys
     from pathlib import Path
 
-    from .store import open_db
+    from ..store.writes import open_db
 
     if attention and fmt not in ("json", "jsonl"):
         raise SatError("--attention works with --format json or jsonl")
@@ -166,8 +166,8 @@ def export_to(db_path: str, fmt: str, out: str | None = None, run: int | None = 
         raise SatError("--metadata works with --format json or jsonl")
     db = open_db(db_path, must_exist=True)
     if fmt == "html":
+        from ..progress import console
         from .gallery import export_html
-        from .progress import console
 
         if not out:
             raise SatError("--format html writes a folder: give it with --out")

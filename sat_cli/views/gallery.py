@@ -15,8 +15,8 @@ from importlib import resources
 from itertools import groupby
 from pathlib import Path
 
-from . import __version__
-from .errors import SatError
+from .. import __version__
+from ..errors import SatError
 
 INDEX = """<!doctype html>
 <html lang="en">
@@ -64,7 +64,7 @@ def quantize(maps) -> str:
 
 def map_stats_lists(maps) -> tuple[list[float], list[float]]:
     """Each map's real peak weight and entropy relative to uniform, shown beside the overlay."""
-    from .pointing import map_stats
+    from ..evaluation.pointing import map_stats
 
     stats = [map_stats(m) for m in maps]
     return [round(p, 4) for p, _ in stats], [round(e, 3) for _, e in stats]
@@ -73,7 +73,7 @@ def map_stats_lists(maps) -> tuple[list[float], list[float]]:
 def thumbnail(src: str, target: Path, size: int) -> bool:
     from PIL import Image, ImageOps
 
-    from .images import to_rgb
+    from ..inputs.images import to_rgb
 
     if target.exists():
         return True
@@ -94,8 +94,8 @@ def thumbnail(src: str, target: Path, size: int) -> bool:
 
 def export_html(db, out: str | Path, run: int | None = None, best: bool = False, page_size: int = 100,
                 thumb_size: int = 320, quiet: bool = False, title: str | None = None) -> Path:
-    from .progress import progress_bar
-    from .queries import caption_rows, decode_attention, fs_path
+    from ..progress import progress_bar
+    from ..store.queries import caption_rows, decode_attention, fs_path
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -103,7 +103,7 @@ def export_html(db, out: str | Path, run: int | None = None, best: bool = False,
     for sub in ("assets", "data", "thumbs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for name in ("gallery.js", "gallery.css"):
-        with resources.as_file(resources.files("sat_cli") / "assets" / name) as src:
+        with resources.as_file(resources.files("sat_cli.views") / "assets" / name) as src:
             shutil.copy(src, out / "assets" / name)
     for old in (out / "data").glob("page-*.js"):
         old.unlink()

@@ -29,7 +29,7 @@ def print_matches(rows: list[dict], query: str, fmt: str = "table") -> None:
             table.add_column(col, overflow="fold")
         from rich.markup import escape
 
-        from .paths import printable
+        from ..inputs.paths import printable
 
         for r in rows:
             table.add_row(escape(printable(r["path"])), str(r["rank"]), r["caption"], f"{r['score']:.2f}")

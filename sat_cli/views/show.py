@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import SatError
+from ..errors import SatError
 
 
 def smooth_map(alpha, size: tuple[int, int]):
@@ -38,13 +38,13 @@ def render(image_path: str, words: list[str], maps, caption: str, out: str | Pat
     import numpy as np
     from PIL import Image, ImageOps
 
-    from .images import to_rgb
+    from ..inputs.images import to_rgb
 
     try:
         with Image.open(image_path) as im:
             img = to_rgb(ImageOps.exif_transpose(im))
     except OSError as exc:
-        from .paths import printable
+        from ..inputs.paths import printable
 
         raise SatError(f"Cannot open {printable(image_path)}: {exc.strerror or exc}") from None
     scale = panel / max(img.size)
@@ -61,7 +61,7 @@ def render(image_path: str, words: list[str], maps, caption: str, out: str | Pat
     first = axes.flat[0]
     first.imshow(pixels)
     first.set_title(title or "image", fontsize=10)
-    from .pointing import map_stats
+    from ..evaluation.pointing import map_stats
 
     for i, word in enumerate(words, start=1):
         ax = axes.flat[i]
@@ -85,8 +85,8 @@ def show(db_path: str, selector: str, out: str | None = None, rank: int = 1, run
     caption row, words)."""
     import json
 
-    from .queries import caption_with_attention, find_image, fs_path
-    from .store import open_db
+    from ..store.queries import caption_with_attention, find_image, fs_path
+    from ..store.writes import open_db
 
     db = open_db(db_path, must_exist=True)
     row = find_image(db, selector)
