@@ -184,6 +184,19 @@ def test_every_package_is_in_pyprojects_list():
     assert config["package-data"]["sat_cli.views.assets"] == ["*.js", "*.css"]
 
 
+def test_the_console_script_and_python_m_still_reach_the_click_group():
+    import click
+
+    from sat_cli.cli.main import cli
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"] == {"sat": "sat_cli.cli:cli"}
+    module, _, name = project["scripts"]["sat"].partition(":")
+    assert getattr(importlib.import_module(module), name) is cli and isinstance(cli, click.Group)
+    out = subprocess.run([sys.executable, "-m", "sat_cli", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.startswith("sat, version "), out.stdout + out.stderr
+
+
 def lint_imports():
     pytest.importorskip("importlinter")
     exe = Path(sys.executable).parent / "lint-imports"
