@@ -158,3 +158,30 @@ def test_relative_links_and_pictures_exist(page):
     missing = [link for link in links if not re.match(r"[a-z]+:", link)
                and not (page.parent / link).exists() and (page.parent / link).resolve() not in ARRIVING]
     assert not missing, f"{page.name} links to missing files: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_python_imports_and_paths_a_page_names_exist(page):
+    """`from sat_cli.x import A` lines, `sat_cli.x.f` names and sat_cli/ paths still point at something."""
+    import importlib
+
+    text = page.read_text()
+    wrong = []
+    for module, names in re.findall(r"^from (sat_cli[\w.]*) import ([\w, ]+)$", text, re.M):
+        for name in (n.strip() for n in names.split(",")):
+            if not hasattr(importlib.import_module(module), name):
+                wrong.append(f"{module}.{name}")
+    for dotted in set(re.findall(r"`(sat_cli(?:\.\w+)+)(?:\(\))?`", text)):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):   # longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr, None)
+            if obj is None:
+                wrong.append(dotted)
+            break
+    wrong += [p for p in re.findall(r"`(sat_cli/[\w/.-]+)`", text) if not (ROOT / p).exists()]
+    assert not wrong, f"{page.name} names what does not exist: {wrong}"
