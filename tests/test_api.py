@@ -171,7 +171,7 @@ def test_eval_n_best_widens_the_beam_as_caption_does(tmp_path, tiny_model):
 
 
 def test_the_api_tour_example_runs():
-    """examples/api_tour.py is the README's notebook-style walk through the API: it must run as written."""
+    """examples/api_tour.py is the Python API page's (docs/python-api.md) notebook-style walk through the API: it must run as written."""
     import subprocess
     import sys
 
