@@ -178,8 +178,10 @@ def export_to(db_path: str, fmt: str, out: str | None = None, run: int | None = 
             console.print(f"Gallery written: {index}")
         return
     chunks = export(db, fmt, run=run, best=best, failed=failed, attention=attention, metadata=metadata)
-    if out:
-        with open(out, "w", encoding="utf-8", newline="") as f:
+    if out:  # replaced only once the whole export is written: a failure keeps the old file
+        from .atomic import atomic_open
+
+        with atomic_open(out, "w", encoding="utf-8", newline="") as f:
             for chunk in chunks:
                 f.write(chunk)
     else:
