@@ -151,8 +151,10 @@ def export(db_path, fmt, out, best, run, no_failed, attention, metadata, page_si
 
     csv/tsv: one row per caption (path, sha256, width, height, run, rank, caption, score,
     logprob, finished, status, error). json/jsonl: one object per image and model, with its
-    n-best captions (and, with --attention, their maps). coco: [{"image_id", "caption"}] with
-    the best caption, image_id taken from the number at the end of the file name. html: a
+    n-best captions (and, with --attention, their maps) and its image_id. coco: [{"image_id",
+    "caption"}] with the best caption; image_id is the number a COCO-style file name ends with
+    (COCO_val2014_000000000042.jpg -> 42) when every image in the database has a distinct one,
+    else the image's row id (json/jsonl map each image_id to its path). html: a
     static gallery folder (index.html, thumbnails, pages loaded on demand) that opens from disk:
     hover or click a word to see where the model looked.
 
