@@ -123,6 +123,8 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
                         attention=not no_attention, recursive=not no_recursive, force=force, progress=not quiet,
                         on_result=show if print_captions else None, read_timeout=read_timeout,
                         db_timeout=db_timeout)
+    if not summary.writer:  # torchrun's other ranks: rank 0 reports the run and writes the sidecars
+        sys.exit(summary.exit_code)
     if not quiet:
         report(summary, db_path, console)
     if xmp and not summary.interrupted:  # the sidecars of this run's photos (sat metadata does the rest)
