@@ -187,12 +187,15 @@ def show(db_path, image, out, rank, run, columns, panel):
     with its attention map (upsampled, smoothed, overlaid), as in the paper's figures.
 
     IMAGE is a stored path (full, relative or a unique tail such as photos/dog.jpg), a sha256
-    prefix (6+ hex digits) or an image row id. Works headless: it writes a PNG.
+    prefix (4+ hex digits) or an image row id; id:N and sha:PREFIX say which is meant. An IMAGE
+    that matches different images (a row id and a hash prefix) is an error listing them. Works
+    headless: it writes a PNG.
 
     \b
     Examples:
       sat show out.db photos/dog.jpg --out dog.png
-      sat show out.db 3f2a9c --rank 2
+      sat show out.db 3f2a --rank 2
+      sat show out.db id:9
     """
     from .progress import console
     from .show import show as run_show

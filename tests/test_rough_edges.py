@@ -51,3 +51,28 @@ def test_under_torchrun_only_the_writer_reports(photos, tmp_path, tiny_model):
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if " captioned, " in line]
     assert len(lines) == 1 and "4 captioned" in lines[0], proc.stderr
+
+
+def test_show_takes_short_hash_prefixes_and_refuses_ambiguous_arguments(captioned, tmp_path):
+    import sqlite_utils
+
+    rows = {r["id"]: r for r in sqlite_utils.Database(captioned)["images"].rows}
+    sha = rows[1]["sha256"]
+    out = tmp_path / "x.png"
+    r = run("show", captioned, sha[:4], "--out", out)  # 4 hex digits are enough (6 were needed)
+    assert r.exit_code == 0 and out.exists(), r.output
+    assert run("show", captioned, f"sha:{sha[:4]}", "--out", out).exit_code == 0
+    assert run("show", captioned, "id:2", "--out", out).exit_code == 0
+    assert run("show", captioned, "sha:zz", "--out", out).exit_code == 2
+    # 1234 as a row id of one image and the hash prefix of another: both are listed
+    copy = tmp_path / "copy.db"
+    shutil.copy(captioned, copy)
+    db = sqlite_utils.Database(copy)
+    db.execute("UPDATE images SET id = 1234 WHERE id = 2")
+    db.execute("UPDATE images SET sha256 = '1234' || substr(sha256, 5) WHERE id = 3")
+    db.conn.commit()
+    clash = run("show", copy, "1234", "--out", out)
+    assert clash.exit_code == 2 and "matches 2 images" in clash.output
+    assert "id:1234" in clash.output and "sha:1234" in clash.output
+    help_text = run("show", "--help").output
+    assert "id:N" in help_text and "4+ hex" in help_text
