@@ -129,4 +129,4 @@ def print_scores(source: str, rows: list[dict], as_json: bool = False) -> None:
     from .progress import console
 
     console.print(metrics_table(rows if len(rows) > 1 else [{k: v for k, v in rows[0].items() if k != "part"}],
-                                title=source))
+                                title=source, width=console.width))

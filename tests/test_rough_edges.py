@@ -76,3 +76,27 @@ def test_show_takes_short_hash_prefixes_and_refuses_ambiguous_arguments(captione
     assert "id:1234" in clash.output and "sha:1234" in clash.output
     help_text = run("show", "--help").output
     assert "id:N" in help_text and "4+ hex" in help_text
+
+
+def test_tables_stay_readable_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from sat_cli.encoders import families
+    from sat_cli.metrics import METRICS, metrics_table
+
+    env_out = CliRunner(env={"COLUMNS": "80"}).invoke(cli, ["encoders"])
+    assert env_out.exit_code == 0
+    text = env_out.output
+    for f in families().values():  # every plugin name and example whole, no "…"
+        assert f.plugin in text and all(e in text for e in f.examples)
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    rows = [{"epoch": e, "train_loss": 3.14159, "val_loss": 2.71828, "lr": 0.0004, "seconds": 123.4,
+             **{m: 12.3456 for m in METRICS}} for e in range(1, 4)]
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(metrics_table(rows, title="runs/x/metrics.jsonl", width=80))
+    out = buf.getvalue()
+    assert "…" not in out and max(map(len, out.splitlines())) <= 80
+    for header in ("epoch", "train_loss", "val_loss", "BLEU-4", "CIDEr", "3.14", "12.35"):
+        assert header in out, out
