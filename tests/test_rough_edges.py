@@ -100,3 +100,40 @@ def test_tables_stay_readable_at_80_columns():
     assert "…" not in out and max(map(len, out.splitlines())) <= 80
     for header in ("epoch", "train_loss", "val_loss", "BLEU-4", "CIDEr", "3.14", "12.35"):
         assert header in out, out
+
+
+@pytest.mark.parametrize("spec", ["timm:efficientnet_b3", "torchvision:resnet50"])
+def test_offline_without_cached_weights_fails_at_once(spec, tmp_path, monkeypatch):
+    """No hub retries for most of a minute: no route to the host and nothing cached is a clear
+    error before any download is tried."""
+    import socket
+
+    import timm
+    import torch
+
+    from sat_cli.encoders import EncoderOptions, create_encoder
+    from sat_cli.errors import WeightsError
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+
+    def no_route(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    class DownloadTried(BaseException):  # not caught as a load error on the way out
+        pass
+
+    def no_download(*args, **kwargs):
+        raise DownloadTried
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: no_download() if pretrained
+                        else real_create(name, pretrained=False, **kw))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    with pytest.raises(WeightsError, match="--encoder-weights"):
+        create_encoder(spec, EncoderOptions(pretrained=True))
+
+
+real_create = __import__("timm").create_model
