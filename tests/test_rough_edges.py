@@ -137,3 +137,21 @@ def test_offline_without_cached_weights_fails_at_once(spec, tmp_path, monkeypatc
 
 
 real_create = __import__("timm").create_model
+
+
+def test_a_text_file_named_like_a_photo_never_reaches_libraw(tmp_path, monkeypatch):
+    """rawpy warned about fork deadlocks in the workers for a text file named fake.jpg."""
+    import rawpy
+    from PIL import UnidentifiedImageError
+
+    from sat_cli.formats import looks_like_raw, open_photo
+
+    def no_libraw(*args, **kwargs):
+        raise AssertionError("LibRaw was asked to read a text file")
+
+    monkeypatch.setattr(rawpy, "imread", no_libraw)
+    for data in (b"hello\n", b"", b"<html>not a photo</html>", bytes(range(256))):
+        with pytest.raises(UnidentifiedImageError):
+            open_photo(__import__("io").BytesIO(data))
+    assert looks_like_raw(b"FUJIFILMCCD-RAW 0201") and looks_like_raw(b"\x00\x00\x00\x18ftypcrx ")
+    assert looks_like_raw(b"IIU\x00\x18\x00") and not looks_like_raw(b"hello")
