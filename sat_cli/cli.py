@@ -24,6 +24,9 @@ class SatGroup(click.Group):
             return super().invoke(ctx)
         except SatError as exc:
             raise UserError(str(exc)) from exc
+        except KeyboardInterrupt:  # Ctrl-C before a command's own handling (loading the model): 130
+            click.echo("Interrupted.", err=True)
+            raise click.exceptions.Exit(130) from None
         except sqlite3.DatabaseError as exc:  # a read that met a damaged or locked database
             from .store import storage_error
 

@@ -155,3 +155,39 @@ def test_a_text_file_named_like_a_photo_never_reaches_libraw(tmp_path, monkeypat
             open_photo(__import__("io").BytesIO(data))
     assert looks_like_raw(b"FUJIFILMCCD-RAW 0201") and looks_like_raw(b"\x00\x00\x00\x18ftypcrx ")
     assert looks_like_raw(b"IIU\x00\x18\x00") and not looks_like_raw(b"hello")
+
+
+def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(monkeypatch, tmp_path):
+    import sat_cli.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sat_cli.api, "load", interrupted)
+    r = CliRunner().invoke(cli, ["caption", str(EXAMPLES / "rocket.jpg"), "--db", str(tmp_path / "x.db")])
+    assert r.exit_code == 130 and "Interrupted" in r.output and "Traceback" not in r.output
+
+
+def test_decoding_workers_leave_ctrl_c_to_the_main_process_and_die_quietly():
+    """A worker ignores SIGINT and never prints what its threads raise once the main process goes
+    (multiprocessing/resource_sharer.py printed a cut-off traceback, 1 run in 6)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, signal, threading, time
+from sat_cli.runtime import quiet_worker
+quiet_worker(0)
+assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+os.kill(os.getpid(), signal.SIGINT)  # ignored
+def sharer():
+    raise ConnectionRefusedError(111, "Connection refused")  # the main process is gone
+t = threading.Thread(target=sharer); t.start(); t.join()
+print("alive")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "alive" and "Traceback" not in out.stderr, out.stderr
+    from sat_cli import pipeline
+    import inspect
+
+    assert "worker_init_fn=quiet_worker" in inspect.getsource(pipeline.load_batches)
