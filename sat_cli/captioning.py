@@ -37,6 +37,7 @@ class Summary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    writer: bool = True  # under torchrun, rank 0: the process that stored the run and reports it
 
     @property
     def exit_code(self) -> int:
@@ -65,7 +66,7 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
     good = [f.path for f in found if not f.error]
     paths = good[dist.rank :: dist.world]
     fingerprint, key = model.fingerprint, settings.key()
-    summary = Summary(run_id=0, total=len(good) + sum(1 for f in found if f.error))
+    summary = Summary(run_id=0, total=len(good) + sum(1 for f in found if f.error), writer=dist.main)
     db = store = None
     if dist.main:
         db = open_db(db_path, timeout=options.db_timeout)

@@ -55,9 +55,11 @@ def load_batches(sources: Iterable, preprocess, batch_size: int | None, workers:
         keyed = enumerate(sources)
         batches = iter(lambda: list(itertools.islice(keyed, batch_size)), [])  # lazily: a million files are fine
     timeout = READ_TIMEOUT if read_timeout is None else read_timeout
+    from .runtime import quiet_worker
+
     loader = DataLoader(Sources(preprocess.size, preprocess.interpolation, skip, timeout), batch_sampler=batches,
                         num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, worker_init_fn=quiet_worker if workers else None)
     yield from loader
 
 

@@ -28,6 +28,9 @@ class SatGroup(click.Group):
             return super().invoke(ctx)
         except SatError as exc:
             raise UserError(str(exc)) from exc
+        except KeyboardInterrupt:  # Ctrl-C before a command's own handling (loading the model): 130
+            click.echo("Interrupted.", err=True)
+            raise click.exceptions.Exit(130) from None
         except sqlite3.DatabaseError as exc:  # a read that met a damaged or locked database
             from ..store.writes import storage_error
 
@@ -127,6 +130,8 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
                         attention=not no_attention, recursive=not no_recursive, force=force, progress=not quiet,
                         on_result=show if print_captions else None, read_timeout=read_timeout,
                         db_timeout=db_timeout)
+    if not summary.writer:  # torchrun's other ranks: rank 0 reports the run and writes the sidecars
+        sys.exit(summary.exit_code)
     if not quiet:
         report(summary, db_path, console)
     if xmp and not summary.interrupted:  # the sidecars of this run's photos (sat metadata does the rest)
@@ -155,8 +160,10 @@ def export(db_path, fmt, out, best, run, no_failed, attention, metadata, page_si
 
     csv/tsv: one row per caption (path, sha256, width, height, run, rank, caption, score,
     logprob, finished, status, error). json/jsonl: one object per image and model, with its
-    n-best captions (and, with --attention, their maps). coco: [{"image_id", "caption"}] with
-    the best caption, image_id taken from the number at the end of the file name. html: a
+    n-best captions (and, with --attention, their maps) and its image_id. coco: [{"image_id",
+    "caption"}] with the best caption; image_id is the number a COCO-style file name ends with
+    (COCO_val2014_000000000042.jpg -> 42) when every image in the database has a distinct one,
+    else the image's row id (json/jsonl map each image_id to its path). html: a
     static gallery folder (index.html, thumbnails, pages loaded on demand) that opens from disk:
     hover or click a word to see where the model looked.
 
@@ -187,12 +194,15 @@ def show(db_path, image, out, rank, run, columns, panel):
     with its attention map (upsampled, smoothed, overlaid), as in the paper's figures.
 
     IMAGE is a stored path (full, relative or a unique tail such as photos/dog.jpg), a sha256
-    prefix (6+ hex digits) or an image row id. Works headless: it writes a PNG.
+    prefix (4+ hex digits) or an image row id; id:N and sha:PREFIX say which is meant. An IMAGE
+    that matches different images (a row id and a hash prefix) is an error listing them. Works
+    headless: it writes a PNG.
 
     \b
     Examples:
       sat show out.db photos/dog.jpg --out dog.png
-      sat show out.db 3f2a9c --rank 2
+      sat show out.db 3f2a --rank 2
+      sat show out.db id:9
     """
     from ..progress import console
     from ..views.show import show as run_show

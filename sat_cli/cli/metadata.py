@@ -37,8 +37,9 @@ def metadata(db_path, sidecar, sidecar_name, embed, backup, overwrite, dry_run, 
     a temporary file renamed over the old one.
 
     \b
-    Exit status: 0 done (skipped photos included), 1 some files could not be written,
-    2 usage error.
+    Exit status: 0 done (skipped photos included), 1 some files could not be written (or,
+    with --remove, photos were missing: their records are kept for a later --remove), 2 usage
+    error.
 
     \b
     Examples:

@@ -117,9 +117,10 @@ def read_csv(path: Path, images: Path, val_fraction: float) -> list[Entry]:
 
 
 def load_captions(data: str | Path, images: str | Path | None = None, split: str | None = None,
-                  val_fraction: float = 0.05) -> CaptionData:
+                  val_fraction: float = 0.05, need_images: bool = True) -> CaptionData:
     """Read a caption file in any supported format; images are looked up under ``images``
-    (default: the caption file's folder). Missing image files are counted and left out."""
+    (default: the caption file's folder). Missing image files are counted and left out, unless
+    ``need_images`` is False (references for stored captions: only the names count)."""
     path = Path(data).expanduser()
     if not path.is_file():
         raise DataError(f"Caption file not found: {path}")
@@ -135,6 +136,8 @@ def load_captions(data: str | Path, images: str | Path | None = None, split: str
             entries = read_coco(path, root, split, val_fraction)
         else:
             entries = read_karpathy(path, root)
+    if not need_images:
+        return CaptionData(entries=list(entries), source=str(path), missing=[])
     present, missing = [], []
     for e in entries:
         (present if os.path.isfile(e.path) else missing).append(e)

@@ -87,7 +87,7 @@ def evaluate(db_path: str | None, *, model_path=None, data=None, images=None, sp
 
         if not references:
             raise SatError("scoring a database needs --references CAPTION_FILE")
-        refs_data = load_captions(references, images)
+        refs_data = load_captions(references, images, need_images=False)  # matched by name: no photos needed
         refs, hyps, sources = match_references(best_captions(open_db(db_path, must_exist=True), run),
                                                refs_data.entries)
         if not hyps:
@@ -129,4 +129,4 @@ def print_scores(source: str, rows: list[dict], as_json: bool = False) -> None:
     from .metrics import metrics_table
 
     console.print(metrics_table(rows if len(rows) > 1 else [{k: v for k, v in rows[0].items() if k != "part"}],
-                                title=source))
+                                title=source, width=console.width))

@@ -77,18 +77,33 @@ def score_captions(references: dict, hypotheses: dict, meteor: bool = True, warn
     return out
 
 
-def metrics_table(rows: list[dict], title: str = ""):
-    """A rich table: one row per entry (e.g. per epoch), one column per metric present."""
+def metrics_table(rows: list[dict], title: str = "", width: int = 80):
+    """Rich tables: one row per entry (e.g. per epoch), one column per metric present. Columns
+    that would not fit ``width`` (the terminal's) go into a further table that repeats the first
+    column, so nothing is cut to "ep..." at 80 columns."""
+    from rich.console import Group
     from rich.table import Table
 
     keys = [k for k in rows[0] if k not in METRICS] if rows else []
-    metrics = [m for m in METRICS if any(m in r for r in rows)]
-    table = Table(title=title or None)
-    for k in keys + metrics:
-        table.add_column(k, justify="right")
-    for r in rows:
-        table.add_row(*[_fmt(r.get(k)) for k in keys], *[_fmt(r.get(m)) for m in metrics])
-    return table
+    columns = keys + [m for m in METRICS if any(m in r for r in rows)]
+    cells = {c: [_fmt(r.get(c)) for r in rows] for c in columns}
+    size = {c: max([len(c), *map(len, cells[c])]) + 3 for c in columns}  # padding and border
+    chunks, current = [], columns[:1]
+    for c in columns[1:]:
+        if current and sum(size[x] for x in current) + size[c] + 1 > width and len(current) > 1:
+            chunks.append(current)
+            current = columns[:1]
+        current.append(c)
+    chunks.append(current)
+    tables = []
+    for i, chunk in enumerate(chunks):
+        table = Table(title=(title or None) if i == 0 else None)
+        for c in chunk:
+            table.add_column(c, justify="right", no_wrap=True)
+        for j in range(len(rows)):
+            table.add_row(*[cells[c][j] for c in chunk])
+        tables.append(table)
+    return Group(*tables)
 
 
 def _fmt(value) -> str:

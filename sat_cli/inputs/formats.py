@@ -6,8 +6,9 @@ afterwards. AVIF needs nothing here: Pillow reads it itself (11.2+ wheels).
 
 RAW files are recognised by content, not by name (the caption pipeline hands over the bytes it
 hashed): TIFF-based RAW (DNG, CR2, NEF, ARW, PEF, ...) is told from an ordinary TIFF by its
-DNGVersion tag, the CR2 marker, or an IFD holding colour-filter-array or linear raw data; any file
-Pillow cannot identify is offered to LibRaw (RAF, CR3, ORF, RW2, ...) before it is called unreadable.
+DNGVersion tag, the CR2 marker, or an IFD holding colour-filter-array or linear raw data; a file
+Pillow cannot identify that starts like a RAW container (RAF, CR3, ORF, RW2, ...) is offered to
+LibRaw before it is called unreadable; other files (a text file named .jpg) never reach LibRaw.
 """
 
 from __future__ import annotations
@@ -50,11 +51,24 @@ def open_photo(source) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
+        if not looks_like_raw(data):  # a text file named .jpg never reaches LibRaw (nor its warnings)
+            raise
         try:
             return open_raw(data)
         except RawError:
             pass  # not a RAW file either: keep Pillow's message
         raise
+
+
+# The first bytes of the RAW containers LibRaw reads that are not TIFF-based: (offset, magic)
+_RAW_MAGIC = ((0, b"II*\x00"), (0, b"MM\x00*"), (4, b"ftypcrx"), (0, b"FUJIFILMCCD-RAW"), (0, b"IIRO"), (0, b"IIRS"),
+              (0, b"MMOR"), (0, b"IIU\x00"), (6, b"HEAPCCDR"), (0, b"\x00MRM"), (0, b"FOVb"), (0, b"ARRI"),
+              (0, b"\x00MRW"), (0, b"RIFF"), (0, b"IIII"), (0, b"MMMM"))
+
+
+def looks_like_raw(data: bytes) -> bool:
+    """A container some camera RAW uses (TIFF, ISO BMFF CR3, RAF, ORF, RW2, CRW, MRW, X3F, ...)."""
+    return any(data[offset:offset + len(magic)] == magic for offset, magic in _RAW_MAGIC)
 
 
 class RawError(ValueError):

@@ -16,8 +16,8 @@ from .. import __version__
 from ..inputs.paths import display
 from .files import FileProblem, create_file, remove_file, rewrite, sha256_file
 from .plan import owned_texts, plan_remove, plan_write, only_sat_left
-from .table import carry_results, mark_removed, records, save_write, targets
-from .xmp import (EMBED_EXTENSIONS, EMBED_FIELDS, EXIFTOOL_CONFIG, IPTC_FIELD, READ_TAGS, SIDECAR_FIELDS,
+from .table import carry_results, mark_removed, photo_paths, records, save_write, targets
+from .xmp import (CREATED_IPTC, EMBED_EXTENSIONS, EMBED_FIELDS, EXIFTOOL_CONFIG, IPTC_FIELD, READ_TAGS, SIDECAR_FIELDS,
                   clean_caption, fields_for, new_sidecar, provenance, sidecar_path, write_args)
 
 CHUNK = 64  # files read by one exiftool call
@@ -40,8 +40,8 @@ class MetadataSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 done (skipped photos included), 1 some files could not be written."""
-        return 1 if self.counts.get("failed") else 0
+        """0 done (skipped photos included), 1 some files could not be written or were missing."""
+        return 1 if self.counts.get("failed") or self.counts.get("missing") else 0
 
     def add(self, action: str, file: str, message: str = "", show: bool = False):
         self.counts[action] += 1
@@ -130,6 +130,8 @@ def _write_one(db, et, target, file, related, recorded, options, summary, stamp)
     wanted = fields_for(caption, prov, options.kind, iptc=iptc)
     exists = os.path.exists(file)
     plan = plan_write(file, related, wanted, owned_texts(related, recorded), options.overwrite, exists)
+    if iptc and options.kind == "embed" and not any(k.startswith("IPTC:") for k in related.get(file, {})):
+        plan.previous[CREATED_IPTC] = True  # --remove takes the whole IPTC record back
     if plan.action in ("skip", "unchanged"):
         summary.add(plan.action, target.path, plan.reason, show=plan.action == "skip")
         return
@@ -164,23 +166,27 @@ def remove_metadata(db_path: str, options: MetadataOptions, kinds=("sidecar", "e
     db = open_db(db_path, must_exist=True)
     summary = MetadataSummary()
     held = [(key, rec) for key, rec in records(db).items() if rec["kind"] in kinds]
+    photos = photo_paths(db)
     stamp = now()
     with ExifTool(config=EXIFTOOL_CONFIG) as et, _progress(options, len(held), "Removing metadata") as step:
         for key, rec in held:
             file = os.fsdecode(key)
-            action, message = _remove_one(et, file, rec, options)
-            if action != "failed" and not options.dry_run:
+            photo = photos.get(rec["image_id"], file if rec["kind"] == "embed" else None)
+            action, message = _remove_one(et, file, rec, options, photo)
+            if action not in ("failed", "missing") and not options.dry_run:
                 with Store(db).write():
                     mark_removed(db, key, stamp)
-            summary.add(action, file, message, show=options.dry_run or action in ("kept", "failed"))
+            summary.add(action, file, message, show=options.dry_run or action in ("kept", "failed", "missing"))
             step()
     db.close()
     return summary
 
 
-def _remove_one(et, file: str, rec: dict, options) -> tuple[str, str]:
+def _remove_one(et, file: str, rec: dict, options, photo: str | None) -> tuple[str, str]:
     if not os.path.exists(file):
-        return "gone", "no longer there"
+        if photo is None or not os.path.exists(photo):  # moved away, not cleaned: the record stays
+            return "missing", "the photo is not there (moved or unmounted?): its record is kept for a later --remove"
+        return "gone", "no longer there"  # the sidecar was deleted beside its photo
     current = _read(et, [file]).get(file, {})
     tags = SIDECAR_FIELDS if rec["kind"] == "sidecar" else (*EMBED_FIELDS, IPTC_FIELD)
     fields, kept = plan_remove(current, rec["caption"], tags, rec["previous"])
@@ -220,7 +226,7 @@ def report(summary: MetadataSummary, options: MetadataOptions, console, verb: st
     """The closing lines (stderr): one line per skipped, failed (and, dry-run, planned) file, then counts."""
     from rich.markup import escape
 
-    style = {"failed": "red", "skip": "yellow", "kept": "yellow"}
+    style = {"failed": "red", "missing": "red", "skip": "yellow", "kept": "yellow"}
     label = {"create": "would create", "update": "would update", "removed": "would take back"} if options.dry_run else {}
     for action, file, message in summary.lines[:200]:
         console.print(f"  [{style.get(action, 'default')}]{label.get(action, action)}[/] {escape(display(file))}: "
@@ -232,7 +238,8 @@ def report(summary: MetadataSummary, options: MetadataOptions, console, verb: st
     parts = [f"{c[k]} {label}" for k, label in (("create", "created"), ("update", "updated"), ("unchanged", "unchanged"),
                                                 ("skip", "skipped (a description sat did not write)"),
                                                 ("removed", "taken back"), ("kept", "taken back in part"),
-                                                ("gone", "gone"), ("failed", "failed")) if c.get(k)]
+                                                ("gone", "gone"), ("missing", "missing (record kept)"),
+                                                ("failed", "failed")) if c.get(k)]
     console.print(head + (", ".join(parts) if parts else f"nothing {verb}"), highlight=False)
 
 

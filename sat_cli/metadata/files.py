@@ -1,6 +1,6 @@
 """Changing photo and sidecar files safely: every write goes to a hidden temporary file beside the
-target, is flushed to disk, then renamed over it (atomic), so a crash leaves the old file or the
-new one, never half of either. exiftool does the rewriting of existing files."""
+target (named and flushed by ``atomic``), is flushed to disk, then renamed over it, so a crash
+leaves the old file or the new one, never half of either. exiftool rewrites existing files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import contextlib
 import hashlib
 import os
 import re
-import secrets
 import shutil
+
+from ..atomic import fsync_folder as _fsync_folder
+from ..atomic import fsync_path as _fsync
+from ..atomic import temp_name as _temp_name
 
 
 class FileProblem(Exception):
@@ -34,34 +37,6 @@ def check_writable(path: str, exists: bool) -> None:
         raise FileProblem("read-only file: not changed")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise FileProblem("cannot write in its folder (read-only): not changed")
-
-
-def _temp_name(path: str) -> str:
-    """A hidden name beside ``path`` with the same extension (exiftool picks the format by it)."""
-    folder, name = os.path.split(path)
-    stem, ext = os.path.splitext(name)
-    return os.path.join(folder, f".{stem}.sat-{os.getpid()}-{secrets.token_hex(4)}{ext}")
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(path: str) -> None:
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

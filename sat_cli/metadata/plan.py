@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass, field
 
 from ..inputs.paths import display
-from .xmp import DESCRIPTION, HUMAN_FIELDS, SAT_TAGS, clean_caption, is_placeholder
+from .xmp import (CREATED_IPTC, DESCRIPTION, HUMAN_FIELDS, IPTC_BOILERPLATE, OWN_TEXTS, SAT_TAGS, clean_caption,
+                  is_placeholder)
 
-OWN_TEXT = "XMP-sat:SatDescription"
 UNCOMPARED = {"XMP-sat:SatDate"}  # a rewrite only for a new date would churn every file
 
 
@@ -35,7 +35,7 @@ def owned_texts(files: dict[str, dict], recorded: set[str]) -> set[str]:
     """Texts known to be sat's: what the database says it wrote for this photo, and what sat's
     provenance in any of its files says."""
     own = {clean_caption(t) for t in recorded if t}
-    own.update(clean_caption(f[OWN_TEXT]) for f in files.values() if f.get(OWN_TEXT))
+    own.update(clean_caption(f[tag]) for f in files.values() for tag in OWN_TEXTS if f.get(tag))
     return own
 
 
@@ -66,7 +66,9 @@ def plan_write(target: str, files: dict[str, dict], wanted: dict, own: set[str],
         return Plan("unchanged", "already holds this caption")
     previous = {tag: current[tag] for tag in wanted
                 if tag not in SAT_TAGS and current.get(tag) is not None and clean_caption(current[tag]) not in own}
-    return Plan("update" if exists else "create", fields=dict(wanted), previous=previous)
+    fields = dict(wanted)
+    fields.update({tag: None for tag in SAT_TAGS if tag not in wanted and current.get(tag) is not None})  # old names
+    return Plan("update" if exists else "create", fields=fields, previous=previous)
 
 
 def plan_remove(current: dict, written: str, written_tags: tuple, previous: dict) -> tuple[dict, list[str]]:
@@ -85,6 +87,11 @@ def plan_remove(current: dict, written: str, written_tags: tuple, previous: dict
     for tag in SAT_TAGS:
         if current.get(tag) is not None:
             fields[tag] = None
+    iptc_left = {t for t in current if t.startswith("IPTC:")} - IPTC_BOILERPLATE
+    iptc_left -= {t for t, value in fields.items() if value is None}
+    if previous.get(CREATED_IPTC) and not iptc_left and any(t.startswith("IPTC:") for t in current):
+        fields = {t: v for t, v in fields.items() if not t.startswith("IPTC:")}
+        fields["IPTC:all"] = None  # sat created the record and only its boilerplate is left
     return fields, kept
 
 

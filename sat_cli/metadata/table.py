@@ -66,6 +66,12 @@ def records(db, status: str | None = "written") -> dict[bytes, dict]:
     return out
 
 
+def photo_paths(db) -> dict[int, str]:
+    """Image row id -> the photo's real file name."""
+    path_bytes = ", path_bytes" if "path_bytes" in db["images"].columns_dict else ""
+    return {r["id"]: fs_path(r) for r in db.query(f"SELECT id, path{path_bytes} FROM images")}
+
+
 def save_write(db, target: Target, file: str, kind: str, fields: dict, previous: dict, created: bool,
                backup: str | None, file_sha256: str, version: str, stamp: str) -> None:
     """Record one write (inside a Store.write() transaction). A rewrite of a target sat already

@@ -9,7 +9,8 @@ Fields (exiftool names, ``Group:Tag``):
   reads ImageDescription or Description, PhotoPrism ImageDescription.
 - ``IPTC:Caption-Abstract`` (with CodedCharacterSet UTF-8) when embedding in JPEG, TIFF and DNG.
 - ``XMP-sat:*``: the text sat wrote, the model fingerprint, decode settings, score, sat version
-  and date, so a later run knows which descriptions are its own.
+  and date (``sat:satDescription``, ``sat:satModel``, ...), so a later run knows which
+  descriptions are its own.
 """
 
 from __future__ import annotations
@@ -27,9 +28,19 @@ NS = {
     "tiff": "http://ns.adobe.com/tiff/1.0/",
     PREFIX: NAMESPACE,
 }
-# sat's properties: XMP name -> exiftool tag name (group XMP-sat)
+# sat's properties: key -> exiftool tag name (group XMP-sat); the XMP property is the tag with a
+# small first letter (sat:satModel). Names of their own, so that no reader takes them for the
+# camera's or the file's Model, Date or Version.
 PROVENANCE = {"description": "SatDescription", "model": "SatModel", "settings": "SatSettings",
               "score": "SatScore", "version": "SatVersion", "date": "SatDate"}
+# What sat 0.x wrote before (sat:model, sat:date, ...): still read and removed, never written.
+LEGACY = {key: "SatOld" + tag[3:] for key, tag in PROVENANCE.items()}
+
+
+def xmp_name(tag: str) -> str:
+    return tag[0].lower() + tag[1:]
+
+
 EXIFTOOL_CONFIG = (
     "%Image::ExifTool::UserDefined = (\n"
     "    'Image::ExifTool::XMP::Main' => {\n"
@@ -39,7 +50,8 @@ EXIFTOOL_CONFIG = (
     f"    GROUPS => {{ 0 => 'XMP', 1 => 'XMP-{PREFIX}', 2 => 'Image' }},\n"
     f"    NAMESPACE => {{ '{PREFIX}' => '{NAMESPACE}' }},\n"
     "    WRITABLE => 'string',\n"
-    + "".join(f"    {name} => {{ Name => '{tag}' }},\n" for name, tag in PROVENANCE.items())
+    + "".join(f"    {xmp_name(tag)} => {{ Name => '{tag}' }},\n" for tag in PROVENANCE.values())
+    + "".join(f"    {key} => {{ Name => '{tag}' }},\n" for key, tag in LEGACY.items())
     + ");\n1;\n"
 )
 
@@ -47,11 +59,16 @@ DESCRIPTION = "XMP-dc:Description"
 SIDECAR_FIELDS = (DESCRIPTION, "XMP-tiff:ImageDescription")
 EMBED_FIELDS = (DESCRIPTION, "IFD0:ImageDescription")
 IPTC_FIELD = "IPTC:Caption-Abstract"
-SAT_TAGS = tuple(f"XMP-{PREFIX}:{tag}" for tag in PROVENANCE.values())
+SAT_TAGS = tuple(f"XMP-{PREFIX}:{tag}" for tag in (*PROVENANCE.values(), *LEGACY.values()))
+OWN_TEXTS = (f"XMP-{PREFIX}:{PROVENANCE['description']}", f"XMP-{PREFIX}:{LEGACY['description']}")
 # Every field that can hold a person's description: sat never replaces one of these unless told
 HUMAN_FIELDS = (DESCRIPTION, "XMP-tiff:ImageDescription", "IFD0:ImageDescription", IPTC_FIELD)
 READ_TAGS = ("-XMP-dc:Description", "-XMP-dc:Description-*", "-XMP-tiff:ImageDescription",
-             "-IFD0:ImageDescription", "-IPTC:Caption-Abstract", f"-XMP-{PREFIX}:all")
+             "-IFD0:ImageDescription", "-IPTC:all", f"-XMP-{PREFIX}:all")
+# --embed into a file without IPTC: recorded in the write's `previous`, so --remove deletes the
+# IPTC record sat created once nothing but exiftool's own boilerplate is left in it
+CREATED_IPTC = "sat:created-IPTC"
+IPTC_BOILERPLATE = {"IPTC:CodedCharacterSet", "IPTC:EnvelopeRecordVersion", "IPTC:ApplicationRecordVersion"}
 
 # Formats sat embeds into (exiftool writes them in place of the file, pixels untouched)
 EMBED_EXTENSIONS = {".jpg": True, ".jpeg": True, ".jpe": True, ".tif": True, ".tiff": True, ".dng": True,
@@ -124,9 +141,9 @@ def new_sidecar(fields: dict, toolkit: str) -> bytes:
     dc = ET.SubElement(ET.SubElement(desc, q("dc", "description")), q("rdf", "Alt"))
     ET.SubElement(dc, q("rdf", "li"), {q("xml", "lang"): "x-default"}).text = fields[DESCRIPTION]
     ET.SubElement(desc, q("tiff", "ImageDescription")).text = fields["XMP-tiff:ImageDescription"]
-    for name, tag in PROVENANCE.items():
+    for tag in PROVENANCE.values():
         value = fields.get(f"XMP-{PREFIX}:{tag}")
         if value not in (None, ""):
-            ET.SubElement(desc, q(PREFIX, name)).text = str(value)
+            ET.SubElement(desc, q(PREFIX, xmp_name(tag))).text = str(value)
     ET.indent(root, " ")
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n"

@@ -184,8 +184,9 @@ def save_checkpoint(path: str | Path, encoder, decoder, vocab, *, include_encode
     import torch
     from safetensors.torch import save_file
 
+    from ..atomic import folder, usual_mode
+
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if half else torch.float32
     tensors = {f"decoder.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in decoder.state_dict().items()}
     if include_encoder:
@@ -212,14 +213,12 @@ def save_checkpoint(path: str | Path, encoder, decoder, vocab, *, include_encode
         "decode": decode or {},
         "training": training or {},
     }
-    tmp_w, tmp_c = out / (WEIGHTS + ".tmp"), out / (CONFIG + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_w, 0o666 & ~umask)  # safetensors creates the file owner-only; use the usual mode
-    tmp_c.write_text(json.dumps(config, indent=1) + "\n")
-    tmp_w.replace(out / WEIGHTS)
-    tmp_c.replace(out / CONFIG)
+    # A new folder is built under a temporary name and renamed in; in an existing one each file is
+    # written beside its target and renamed over it. A failure leaves the previous checkpoint.
+    with folder(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        os.chmod(tmp / WEIGHTS, usual_mode())  # safetensors creates the file owner-only
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return out
 
 

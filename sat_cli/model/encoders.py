@@ -122,15 +122,16 @@ def print_families(as_json: bool = False) -> None:
         ] + [{"offline_weights": spec, "source": src} for spec, (_, src) in offline.items()], indent=2) + "\n")
         return
     from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
+    from rich.padding import Padding
 
-    table = Table(title="Encoders")
-    for column in ("prefix", "plugin", "description", "examples"):
-        table.add_column(column)
-    for f in fams.values():
-        table.add_row(f.prefix, f.plugin, f.description, "\n".join(f.examples))
+    # One block per family rather than a table: names stay whole in an 80-column terminal.
     console = Console()
-    console.print(table)
+    for f in fams.values():
+        console.print(f"[bold]{escape(f.prefix)}[/]  (plugin {escape(f.plugin)})", highlight=False)
+        console.print(Padding(escape(f.description), (0, 0, 0, 2)), highlight=False)
+        for example in f.examples:
+            console.print(Padding(escape(example), (0, 0, 0, 4)), highlight=False, overflow="ignore", crop=False)
     if offline:
         console.print("Offline ImageNet weights: " + ", ".join(f"{spec} ({src})" for spec, (_, src) in offline.items()))
 

@@ -139,29 +139,46 @@ def search(db, query: str, limit: int = 20, run: int | None = None, rank: int | 
         raise SatError(f"Bad search query {query!r} ({exc}). {SEARCH_HELP}") from None
 
 
+SELECTOR_RULE = ("a stored path (full, relative or a unique tail such as photos/dog.jpg), a sha256 prefix of "
+                 "4+ hex digits, or an image row id; id:N and sha:PREFIX say which one is meant")
+
+
 def find_image(db, selector: str) -> dict:
-    """An images row by path (full, relative or unique suffix), sha256 prefix or row id."""
+    """An images row by path (full, relative or unique tail), sha256 prefix (4+ hex digits) or row
+    id; ``id:N`` and ``sha:PREFIX`` pick one reading. An argument that more than one reading
+    matches, with different images, is an error that lists the candidates."""
     from ..inputs.paths import to_bytes
 
-    rows = []
     p = Path(selector).expanduser()
     exact = [r for candidate in {str(p.resolve()), str(p.absolute())}
              for r in db["images"].rows_where("path_bytes = ?", [to_bytes(candidate)])]
     if exact:
         return exact[0]
-    if selector.isdigit():
-        rows = list(db["images"].rows_where("id = ?", [int(selector)]))
-    if not rows and re.fullmatch(r"[0-9a-fA-F]{6,64}", selector):
-        rows = list(db["images"].rows_where("sha256 LIKE ?", [selector.lower() + "%"]))
+    kind, _, value = selector.partition(":")
+    if kind in ("id", "sha") and value:
+        readings = [(kind, value)]
+    else:
+        readings = [("id", selector), ("sha", selector), ("path", selector)]
+    rows: dict[int, dict] = {}
+    for kind, value in readings:
+        if kind == "id" and value.isdigit():
+            found = db["images"].rows_where("id = ?", [int(value)])
+        elif kind == "sha" and re.fullmatch(r"[0-9a-fA-F]{4,64}", value):
+            found = db["images"].rows_where("sha256 LIKE ?", [value.lower() + "%"])
+        elif kind == "path":
+            found = db["images"].rows_where("path LIKE ? ESCAPE '\\'", ["%" + _like("/" + value.lstrip("./"))])
+        elif len(readings) == 1:
+            raise SatError(f"{selector!r}: {'id: takes a number' if kind == 'id' else 'sha: takes 4+ hex digits'}")
+        else:
+            continue
+        rows.update((r["id"], r) for r in found)
     if not rows:
-        suffix = "/" + selector.lstrip("./")
-        rows = list(db["images"].rows_where("path LIKE ? ESCAPE '\\'", ["%" + _like(suffix)]))
-    if not rows:
-        raise SatError(f"No image matches {selector!r} (give a stored path, a sha256 prefix or a row id)")
-    if len(rows) > 1 and len({r["sha256"] for r in rows}) > 1:
-        listing = "\n  ".join(f"{r['id']}: {r['path']}" for r in rows[:10])
-        raise SatError(f"{selector!r} matches {len(rows)} images; pick one by row id or full path:\n  {listing}")
-    return rows[0]
+        raise SatError(f"No image matches {selector!r} (give {SELECTOR_RULE})")
+    if len({r["sha256"] for r in rows.values()}) > 1:
+        listing = "\n  ".join(f"id:{r['id']}  sha:{r['sha256'][:10]}  {r['path']}" for r in list(rows.values())[:10])
+        raise SatError(f"{selector!r} matches {len(rows)} images; pick one (id:N, sha:PREFIX or a full path):\n  "
+                       + listing)
+    return next(iter(rows.values()))
 
 
 def _like(text: str) -> str:

@@ -34,7 +34,7 @@ def report(cfg: TrainConfig, summary: dict) -> None:
 
     rows = read_metrics(cfg.out)
     if rows:
-        console.print(metrics_table(rows, title=f"{cfg.out}/metrics.jsonl"))
+        console.print(metrics_table(rows, title=f"{cfg.out}/metrics.jsonl", width=console.width))
     if summary["stopped"]:
         console.print(f"Stopped. Continue with: sat train --resume {cfg.out}")
     else:

@@ -43,7 +43,7 @@ def _caption(row: dict, attention: bool) -> dict:
     return out
 
 
-def _grouped(rows, attention: bool, writes: dict | None = None) -> Iterator[dict]:
+def _grouped(rows, attention: bool, writes: dict | None = None, ids: dict | None = None) -> Iterator[dict]:
     for _, group in itertools.groupby(rows, key=lambda r: (r["image_id"], r["result_id"])):
         group = list(group)
         first = group[0]
@@ -51,6 +51,8 @@ def _grouped(rows, attention: bool, writes: dict | None = None) -> Iterator[dict
             "path": first["path"], "sha256": first["sha256"], "width": first["width"], "height": first["height"],
             "status": first["status"],
         }
+        if ids is not None:
+            record["image_id"] = ids.get(first["image_id"], first["image_id"])
         if first["path_bytes"] is not None and first["path_bytes"] != first["path"].encode():
             import base64
 
@@ -65,10 +67,26 @@ def _grouped(rows, attention: bool, writes: dict | None = None) -> Iterator[dict
         yield record
 
 
-def coco_image_id(path: str, row_id: int) -> int:
-    """The number at the end of the file name (COCO_val2014_000000000042.jpg -> 42), else the row id."""
-    match = re.search(r"(\d+)$", os.path.splitext(os.path.basename(path))[0])
-    return int(match.group(1)) if match else row_id
+_COCO_NUMBER = re.compile(r"(?:.*_)?(\d+)")  # COCO_val2014_000000000042 -> 42, 000000000042 -> 42
+
+
+def coco_number(path: str) -> int | None:
+    """The number a COCO-style file name ends with after its last ``_`` (or that is the whole
+    stem), else None: ``1002674143_1b742ab4b8.jpg`` (Flickr8k, hex) has none."""
+    match = _COCO_NUMBER.fullmatch(os.path.splitext(os.path.basename(path))[0])
+    return int(match.group(1)) if match else None
+
+
+def coco_ids(db) -> dict[int, int]:
+    """Image row id -> the ``image_id`` of exports: the file name's COCO number when every image
+    in the database has one and no two share it, else the image row id for every image (so ids
+    are always unique; json/jsonl exports carry them beside the path)."""
+    rows = db.execute("SELECT id, path FROM images").fetchall()
+    numbers = {row_id: coco_number(path) for row_id, path in rows}
+    values = list(numbers.values())
+    if None in values or len(set(values)) != len(values):
+        return {row_id: row_id for row_id, _ in rows}
+    return numbers
 
 
 def metadata_writes(db) -> dict[int, list[dict]]:
@@ -107,11 +125,12 @@ def export(db, fmt: str, run: int | None = None, best: bool = False, failed: boo
                 buf.truncate()
         yield buf.getvalue()
     elif fmt == "jsonl":
-        for record in _grouped(rows, attention, metadata_writes(db) if metadata else None):
+        for record in _grouped(rows, attention, metadata_writes(db) if metadata else None, coco_ids(db)):
             yield json.dumps(record) + "\n"
     else:
         yield "["
-        for i, record in enumerate(_grouped(rows, attention, metadata_writes(db) if metadata else None)):
+        for i, record in enumerate(_grouped(rows, attention, metadata_writes(db) if metadata else None,
+                                            coco_ids(db))):
             yield ("," if i else "") + "\n  " + json.dumps(record)
         yield "\n]\n"
 
@@ -137,17 +156,19 @@ def _tsv(rows) -> Iterator[str]:
 
 
 def _coco(db, run: int | None) -> Iterator[str]:
-    """COCO results: [{"image_id": int, "caption": str}], the best caption of each image."""
+    """COCO results: [{"image_id": int, "caption": str}], the best caption of each image (ids:
+    ``coco_ids``)."""
     one_result_set(db, run, "COCO results")
+    ids = coco_ids(db)
     rows = caption_rows(db, run, best=True, failed=False, attention=False)
     yield "["
     seen: set[int] = set()
     for row in rows:
-        image_id = coco_image_id(row["path"], row["image_id"])
-        if image_id in seen:
+        if row["image_id"] in seen:
             continue
-        seen.add(image_id)
-        yield ("," if seen and len(seen) > 1 else "") + "\n  " + json.dumps({"image_id": image_id, "caption": row["text"]})
+        seen.add(row["image_id"])
+        record = {"image_id": ids[row["image_id"]], "caption": row["text"]}
+        yield ("," if len(seen) > 1 else "") + "\n  " + json.dumps(record)
     yield "\n]\n"
 
 
@@ -178,8 +199,10 @@ def export_to(db_path: str, fmt: str, out: str | None = None, run: int | None = 
             console.print(f"Gallery written: {index}")
         return
     chunks = export(db, fmt, run=run, best=best, failed=failed, attention=attention, metadata=metadata)
-    if out:
-        with open(out, "w", encoding="utf-8", newline="") as f:
+    if out:  # replaced only once the whole export is written: a failure keeps the old file
+        from ..atomic import atomic_open
+
+        with atomic_open(out, "w", encoding="utf-8", newline="") as f:
             for chunk in chunks:
                 f.write(chunk)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 from datetime import datetime, timezone
 from importlib import resources
@@ -70,13 +71,21 @@ def map_stats_lists(maps) -> tuple[list[float], list[float]]:
     return [round(p, 4) for p, _ in stats], [round(e, 3) for _, e in stats]
 
 
-def thumbnail(src: str, target: Path, size: int) -> bool:
+def thumbnail(src: str, target: Path, size: int, previous: Path | None = None) -> bool:
+    """Write ``target``; an existing ``previous`` (the last gallery's thumbnail) is reused."""
     from PIL import Image, ImageOps
 
     from ..inputs.images import to_rgb
 
     if target.exists():
         return True
+    if previous is not None and previous.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(previous, target)
+            return True
+        except OSError:
+            pass
     try:
         with Image.open(src) as im:
             if im.format == "JPEG":
@@ -94,19 +103,27 @@ def thumbnail(src: str, target: Path, size: int) -> bool:
 
 def export_html(db, out: str | Path, run: int | None = None, best: bool = False, page_size: int = 100,
                 thumb_size: int = 320, quiet: bool = False, title: str | None = None) -> Path:
+    from ..atomic import folder
+
+    final = Path(out)
+    if final.exists() and not final.is_dir():
+        raise SatError(f"{final} exists and is not a folder")
+    # Built in a temporary folder and swapped in only when complete: a failed export keeps the old
+    # gallery (and the other files of its folder).
+    with folder(final) as out:
+        _build(db, out, final, run, best, page_size, thumb_size, quiet, title)
+    return final / "index.html"
+
+
+def _build(db, out: Path, previous: Path, run, best, page_size, thumb_size, quiet, title) -> None:
     from ..progress import progress_bar
     from ..store.queries import caption_rows, decode_attention, fs_path
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SatError(f"{out} exists and is not a folder")
     for sub in ("assets", "data", "thumbs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for name in ("gallery.js", "gallery.css"):
         with resources.as_file(resources.files("sat_cli.views") / "assets" / name) as src:
             shutil.copy(src, out / "assets" / name)
-    for old in (out / "data").glob("page-*.js"):
-        old.unlink()
     (out / "index.html").write_text(INDEX, encoding="utf-8")
 
     total = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
@@ -135,7 +152,7 @@ def export_html(db, out: str | Path, run: int | None = None, best: bool = False,
                 counts["captioned"] += 1
                 sha = first["sha256"]
                 thumb = Path("thumbs") / sha[:2] / f"{sha}.jpg"
-                if thumbnail(fs_path(first), out / thumb, thumb_size):
+                if thumbnail(fs_path(first), out / thumb, thumb_size, previous / thumb):
                     rec["t"] = thumb.as_posix()
                 rec["r"] = first["run_id"]
                 rec["c"] = []
@@ -160,4 +177,3 @@ def export_html(db, out: str | Path, run: int | None = None, best: bool = False,
             "captioned": counts["captioned"], "failed": len(failed), "sat": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     (out / "data" / "manifest.js").write_text(js_payload("manifest", meta), encoding="utf-8")
-    return out / "index.html"

@@ -73,9 +73,14 @@ def render(image_path: str, words: list[str], maps, caption: str, out: str | Pat
                 va="top", fontsize=8, color="#444444")
     fig.suptitle(caption, fontsize=13)
     fig.tight_layout()
+    from ..atomic import atomic_open
+
     out = Path(out)
-    fig.savefig(out, dpi=100, format="png")
-    plt.close(fig)
+    try:
+        with atomic_open(out, "wb") as f:  # a failed drawing keeps the old PNG
+            fig.savefig(f, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return out
 
 
