@@ -153,10 +153,11 @@ class Captioner:
               settings: DecodeSettings | None = None, batch_size: int = 64, workers: int | None = None,
               attention: bool = True, recursive: bool = True, force: bool = False, progress: bool = False,
               on_result: Callable[[Result], None] | None = None, read_timeout: float | None = None,
-              db_timeout: float = 60.0):
+              db_timeout: float = 60.0, rehash: bool = False):
         """What `sat caption` does: caption files, folders and globs into the SQLite database ``db``
         (created if missing), skipping content already captioned with this model and settings
-        (``force`` redoes it). Returns the run's Summary (run_id, captioned, skipped, failed...).
+        (``force`` redoes it). A file unchanged since it was hashed (same device, inode, size, mtime
+        and ctime) is not read again; ``rehash`` reads every file. Returns the run's Summary (run_id, captioned, skipped, failed...).
         ``db_timeout``: seconds to wait for another program's lock on the database before giving
         up with a StorageError (nothing is lost; run again).
 
@@ -176,7 +177,7 @@ class Captioner:
         settings = settings or self.settings(beam, n_best, max_len, length_penalty, no_repeat_ngram)
         options = CaptionOptions(batch_size=batch_size, workers=workers, force=force, attention=attention,
                                  recursive=recursive, quiet=not progress, read_timeout=read_timeout,
-                                 db_timeout=db_timeout)
+                                 db_timeout=db_timeout, rehash=rehash)
         with precision_scope(self.device, self.precision):
             return caption_to_db(self.model, [os.fsdecode(p) for p in paths], str(db), settings, options,
                                  on_result=on_result)

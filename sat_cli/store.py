@@ -194,8 +194,9 @@ class Store:
                 {"finished_at": now(), "status": status, "captioned": captioned, "skipped": skipped, "failed": failed},
             )
 
-    def write_batch(self, run_id: int, records: list[Result], fingerprint: str, settings_key: str):
-        """Store one batch in one transaction: a crash loses this batch or nothing."""
+    def write_batch(self, run_id: int, records: list[Result], fingerprint: str, settings_key: str, after=None):
+        """Store one batch in one transaction: a crash loses this batch or nothing. ``after(records)``
+        runs inside the same transaction (the file index)."""
         from .paths import display, to_bytes
 
         stamp = now()
@@ -218,6 +219,8 @@ class Store:
                 )
                 if rec.captions:
                     self._replace_result(run_id, rec, fingerprint, settings_key, stamp)
+            if after is not None:
+                after(records)
 
     def _replace_result(self, run_id, rec: Result, fingerprint, settings_key, stamp):
         old = self.db.execute(
