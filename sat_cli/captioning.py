@@ -73,8 +73,8 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
         store = Store(db)
         summary.run_id = store.start_run(
             model_path=model.path, model_fingerprint=fingerprint, encoder=model.encoder_spec,
-            settings=json.dumps(settings.to_dict()), settings_key=key, device=str(model.device),
-            precision=model.precision, batch_size=options.batch_size,
+            settings=json.dumps(settings.to_dict()), settings_key=key, batch_size=options.batch_size,
+            **_run_device(model),
         )
     started = time.perf_counter()
     writer = _Writer(summary, store, fingerprint, key, on_result) if dist.main else None
@@ -89,8 +89,19 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
             writer.write(known[i : i + 1000])
     workers = default_workers() if options.workers is None else options.workers
     status = "done"
-    with StopSignal(interrupt=True), _progress(options.quiet or not dist.main, len(paths)) as advance:
+    with StopSignal(interrupt=True), _progress(options.quiet or not dist.main or not paths, len(paths)) as advance, \
+            contextlib.ExitStack() as scope:
         try:
+            if not paths and dist.world == 1:  # nothing to read: no model, no workers
+                raise _NothingToDo
+            if getattr(model, "lazy", False):  # built now: the first file that needs reading
+                model = model.build()
+                from .runtime import precision_scope
+
+                scope.enter_context(precision_scope(model.device, model.precision))
+                if store:
+                    store.db.execute("UPDATE runs SET device = ?, precision = ? WHERE id = ?",
+                                     [str(model.device), model.precision, summary.run_id])
             batches = caption_batches(model, paths, settings, batch_size=options.batch_size, workers=workers,
                                       attention=options.attention, skip=done, dedupe=True,
                                       read_timeout=options.read_timeout)
@@ -100,6 +111,8 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
                     advance(len(results), summary.failed)
             else:
                 _gather_rounds(dist, batches, writer, advance, summary)
+        except _NothingToDo:
+            pass
         except KeyboardInterrupt:
             status = "interrupted"
             summary.interrupted = True
@@ -111,6 +124,17 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
             if writer:
                 writer.finish(status)
     return summary
+
+
+class _NothingToDo(Exception):
+    pass
+
+
+def _run_device(model) -> dict:
+    """The runs row's device and precision: those asked for while a lazy model is not built yet."""
+    if getattr(model, "lazy", False) and not model.built:
+        return {"device": model.run_device, "precision": model.run_precision}
+    return {"device": str(model.device), "precision": model.precision}
 
 
 class _Writer:

@@ -112,7 +112,7 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
     from .runtime import keep_freed_memory
 
     keep_freed_memory()
-    cap = load(model_path, device=device, precision=precision, encoder_weights=encoder_weights)
+    cap = load(model_path, device=device, precision=precision, encoder_weights=encoder_weights, lazy=True)
     settings = settings_for(cap.model.decode_defaults(), decode)
 
     from .paths import tsv_field

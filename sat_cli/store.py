@@ -167,10 +167,14 @@ class Store:
 
     def start_run(self, **fields) -> int:
         import sys
-
-        import torch
+        from importlib.metadata import PackageNotFoundError, version
 
         from . import __version__
+
+        try:  # the installed version, without importing torch (a rerun with nothing new never does)
+            torch_version = version("torch")
+        except PackageNotFoundError:
+            torch_version = None
 
         import uuid
 
@@ -179,7 +183,7 @@ class Store:
             "started_at": now(),
             "status": "running",
             "sat_version": __version__,
-            "torch_version": torch.__version__,
+            "torch_version": torch_version,
             "python_version": platform.python_version(),
             "command": json.dumps(sys.argv),
             **fields,

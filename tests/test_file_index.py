@@ -159,3 +159,22 @@ def test_old_database_migrates_and_gets_an_index(cap, folder, tmp_path, reads):
     assert apply_migrations(db) == []
     reads.clear()
     assert run(cap, folder, db_path).skipped == 3 and reads == []
+
+
+def test_a_rerun_with_nothing_new_never_builds_the_model(folder, tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    db = tmp_path / "x.db"
+    run(sat_cli.load(tiny_model, device="cpu"), folder, db)
+    lazy = sat_cli.load(tiny_model, device="cpu", lazy=True)
+    assert run(lazy, folder, db).skipped == 3 and not lazy.model.built
+    shutil.copy(EXAMPLES / "astronaut.png", folder / "new.png")
+    assert run(lazy, folder, db).captioned == 1 and lazy.model.built
+    # sat caption: a rerun with nothing new never imports torch
+    code = ("import sys, runpy; sys.argv = ['sat', 'caption', sys.argv[1], '--db', sys.argv[2], '--model', sys.argv[3], "
+            "'-q']\ntry:\n    runpy.run_module('sat_cli', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(folder), str(db), str(tiny_model)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
