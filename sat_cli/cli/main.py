@@ -73,6 +73,8 @@ def cli():
 @click.option("--workers", type=click.IntRange(0),
               help="Image-decoding worker processes (default: one per spare core, up to 8; 0 decodes in-process).")
 @click.option("--force", is_flag=True, help="Caption again images already captioned with this model and settings.")
+@click.option("--rehash", is_flag=True,
+              help="Read and hash every file, even those unchanged (size, mtime, ctime, inode) since the last run.")
 @click.option("--no-attention", is_flag=True, help="Do not store the per-word attention maps.")
 @click.option("--no-recursive", is_flag=True, help="Do not descend into subfolders.")
 @click.option("--read-timeout", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
@@ -87,7 +89,7 @@ def cli():
 @click.option("--xmp-name", type=click.Choice(["full", "stem"]), default="full", show_default=True,
               help="Sidecar names for --xmp: full photo.jpg.xmp, stem photo.xmp (Lightroom, Capture One).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def caption(paths, db_path, model_path, encoder_weights, batch_size, device, precision, workers, force, no_attention,
+def caption(paths, db_path, model_path, encoder_weights, batch_size, device, precision, workers, force, rehash, no_attention,
             no_recursive, read_timeout, db_timeout, print_captions, xmp, xmp_name, quiet, **decode):
     """Caption images and store the results in an SQLite database.
 
@@ -117,7 +119,7 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
     from ..runtime import keep_freed_memory
 
     keep_freed_memory()
-    cap = load(model_path, device=device, precision=precision, encoder_weights=encoder_weights)
+    cap = load(model_path, device=device, precision=precision, encoder_weights=encoder_weights, lazy=True)
     settings = settings_for(cap.model.decode_defaults(), decode)
 
     from ..inputs.paths import tsv_field
@@ -129,7 +131,7 @@ def caption(paths, db_path, model_path, encoder_weights, batch_size, device, pre
     summary = cap.to_db(db_path, list(paths), settings=settings, batch_size=batch_size, workers=workers,
                         attention=not no_attention, recursive=not no_recursive, force=force, progress=not quiet,
                         on_result=show if print_captions else None, read_timeout=read_timeout,
-                        db_timeout=db_timeout)
+                        db_timeout=db_timeout, rehash=rehash)
     if not summary.writer:  # torchrun's other ranks: rank 0 reports the run and writes the sidecars
         sys.exit(summary.exit_code)
     if not quiet:

@@ -168,6 +168,15 @@ def m004_run_provenance(db):
     db.execute("CREATE INDEX IF NOT EXISTS idx_runs_uid ON runs (uid)")
 
 
+@migration
+def m005_file_index(db):
+    """file_index: for each path (exact bytes), the stat it had when it was hashed and that sha256,
+    so a rerun can skip reading files that have not changed (see file_index.py)."""
+    db.execute("""CREATE TABLE IF NOT EXISTS file_index (
+        path_bytes BLOB PRIMARY KEY, dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER,
+        ctime_ns INTEGER, sha256 TEXT, recorded_ns INTEGER)""")
+
+
 def apply_migrations(db) -> list[str]:
     """Apply the migrations this database lacks; returns their names."""
     table = db["_sat_migrations"]

@@ -167,10 +167,14 @@ class Store:
 
     def start_run(self, **fields) -> int:
         import sys
-
-        import torch
+        from importlib.metadata import PackageNotFoundError, version
 
         from .. import __version__
+
+        try:  # the installed version, without importing torch (a rerun with nothing new never does)
+            torch_version = version("torch")
+        except PackageNotFoundError:
+            torch_version = None
 
         import uuid
 
@@ -179,7 +183,7 @@ class Store:
             "started_at": now(),
             "status": "running",
             "sat_version": __version__,
-            "torch_version": torch.__version__,
+            "torch_version": torch_version,
             "python_version": platform.python_version(),
             "command": json.dumps(sys.argv),
             **fields,
@@ -194,8 +198,9 @@ class Store:
                 {"finished_at": now(), "status": status, "captioned": captioned, "skipped": skipped, "failed": failed},
             )
 
-    def write_batch(self, run_id: int, records: list[Result], fingerprint: str, settings_key: str):
-        """Store one batch in one transaction: a crash loses this batch or nothing."""
+    def write_batch(self, run_id: int, records: list[Result], fingerprint: str, settings_key: str, after=None):
+        """Store one batch in one transaction: a crash loses this batch or nothing. ``after(records)``
+        runs inside the same transaction (the file index)."""
         from ..inputs.paths import display, to_bytes
 
         stamp = now()
@@ -218,6 +223,8 @@ class Store:
                 )
                 if rec.captions:
                     self._replace_result(run_id, rec, fingerprint, settings_key, stamp)
+            if after is not None:
+                after(records)
 
     def _replace_result(self, run_id, rec: Result, fingerprint, settings_key, stamp):
         old = self.db.execute(
