@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from . import __version__, cli_import, cli_metadata, cli_models
+from . import __version__, cli_import, cli_metadata, cli_models, cli_serve
 from .cli_options import DEVICE, PRECISION, decode_options, settings_for
 from .errors import SatError
 
@@ -270,5 +270,5 @@ def encoders(as_json):
 
 
 for command in (cli_models.train, cli_models.average, cli_models.eval_command, cli_import.import_group,
-                cli_metadata.metadata):
+                cli_metadata.metadata, cli_serve.serve):
     cli.add_command(command)
