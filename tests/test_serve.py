@@ -68,6 +68,10 @@ def test_ollama_client(server):
     schema = {"type": "object", "properties": {"description": {"type": "string"}}, "required": ["description"]}
     assert json.loads(client.generate(model="sat", prompt="", images=[photo], format=schema).response) == \
         {"description": want}
+    chat = client.chat(model="sat", messages=[{"role": "user", "content": "What is in it?", "images": [photo]}])
+    assert chat.message.content == want and chat.message.role == "assistant" and chat.done
+    streamed = client.chat(model="sat", messages=[{"role": "user", "content": "", "images": [photo]}], stream=True)
+    assert "".join(c.message.content for c in streamed) == want
     assert [m.model for m in client.list().models] == ["sat:latest"]
     shown = client.show("sat")
     assert "vision" in shown.capabilities and shown.details.family == "sat"

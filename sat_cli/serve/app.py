@@ -201,6 +201,32 @@ async def ollama_generate(request, service: Service, state):
 
 
 @endpoint
+async def ollama_chat(request, service: Service, state):
+    """/api/chat: the images of the last user message that has any are captioned; the text is ignored."""
+    data = await service.json(request)
+    _check_model(data.get("model"))
+    started = time.perf_counter()
+    messages = data.get("messages") or []
+    if not isinstance(messages, list):
+        raise BadRequest("messages must be a list")
+    images = next((m.get("images") for m in reversed(messages) if isinstance(m, dict) and m.get("images")), None)
+    if not images:
+        if messages:
+            raise BadRequest("sat captions images: send at least one base64 image in a message's images")
+        return JSONResponse({"model": "sat:latest", "created_at": formats.now_iso(),
+                             "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+    results = await service.caption(await service.uploads(images))
+    text = formats.ollama_text(results, data.get("format"))
+    chunks = formats.ollama_chunks(text, results, time.perf_counter() - started)
+    chunks = [formats.as_chat(c) for c in chunks]
+    if data.get("stream", True) is False:
+        final = chunks[-1]
+        final["message"]["content"] = text
+        return JSONResponse(final)
+    return StreamingResponse((json.dumps(c) + "\n" for c in chunks), media_type="application/x-ndjson")
+
+
+@endpoint
 async def ollama_tags(request, service: Service, state):
     return JSONResponse(formats.ollama_tags(service.info))
 
@@ -241,10 +267,11 @@ async def sat_caption(request, service: Service, state):
             raise BadRequest(f"bad multipart upload: {exc.message}") from None
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         uploads = [Upload(await f.read(), f.filename or f"file[{i}]") for i, f in enumerate(files)]
+        attention = _flag(form.get("attention"))
+        await form.close()
         for u in uploads:
             if not u.data:
                 raise BadRequest(f"{u.name}: empty image (zero bytes)")
-        attention = _flag(form.get("attention"))
     else:
         data = await service.json(request)
         uploads = await service.uploads(data.get("images"))
@@ -276,7 +303,8 @@ def create_app(model, settings, options: ServeOptions, *, max_batch: int = 16, m
 
     routes = [
         Route("/healthz", healthz), Route("/api/v1/vision/caption", photoprism_caption, methods=["POST"]),
-        Route("/api/generate", ollama_generate, methods=["POST"]), Route("/api/tags", ollama_tags),
+        Route("/api/generate", ollama_generate, methods=["POST"]), Route("/api/chat", ollama_chat, methods=["POST"]),
+        Route("/api/tags", ollama_tags),
         Route("/api/version", ollama_version), Route("/api/show", ollama_show, methods=["POST"]),
         Route("/v1/caption", sat_caption, methods=["POST"]),
     ]

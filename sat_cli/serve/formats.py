@@ -90,6 +90,13 @@ def ollama_chunks(text: str, results: list[Result], seconds: float):
     yield ollama_generate("", results, seconds)
 
 
+def as_chat(chunk: dict) -> dict:
+    """A /api/generate object as /api/chat gives it: the text in ``message.content``."""
+    out = {k: v for k, v in chunk.items() if k not in ("response", "context")}
+    out["message"] = {"role": "assistant", "content": chunk["response"]}
+    return out
+
+
 def ollama_details(info: dict) -> dict:
     return {"parent_model": "", "format": "safetensors", "family": "sat", "families": ["sat"],
             "parameter_size": info["parameter_size"], "quantization_level": info["quantization"]}
