@@ -60,11 +60,13 @@ class Service:
             raise BadRequest(f"{len(uploads)} images in one request; this server takes at most "
                              f"{self.options.max_images} (--max-images)", 413)
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(*(loop.run_in_executor(self.pool, self.decode, u) for u in uploads))
-        for u, r in zip(uploads, results):
-            if r.error:
-                raise BadRequest(f"{u.name}: {r.error}", 413 if "decompression-bomb" in r.error else 400)
-        results = await self.batcher.caption(results, attention, self.options.timeout)
+        with self.batcher.arriving(len(uploads)):
+            results = await asyncio.gather(*(loop.run_in_executor(self.pool, self.decode, u) for u in uploads))
+            for u, r in zip(uploads, results):
+                if r.error:
+                    raise BadRequest(f"{u.name}: {r.error}", 413 if "decompression-bomb" in r.error else 400)
+            future = self.batcher.submit(results, attention)
+        results = await self.batcher.wait(future, self.options.timeout)
         for u, r in zip(uploads, results):
             if r.error or not r.captions:
                 raise RuntimeError(f"{u.name}: {r.error or 'no caption'}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ class Batcher:
         self.store = None
         self.queue: collections.deque[Job] = collections.deque()
         self.pending = 0  # images queued or in the model
+        self.incoming = 0  # images of requests being decoded
+        self.grace = max(4 * self.max_wait, 0.02)  # longest extra wait for them
         self.batches = self.images = 0  # counters for /healthz
         self.closed = False
         self.cond = threading.Condition()
@@ -58,9 +61,22 @@ class Batcher:
             self.cond.notify()
         return job.future
 
-    async def caption(self, results: list[Result], attention: bool, timeout: float) -> list[Result]:
-        """Queue ``results`` and wait for their captions; 504 after ``timeout`` seconds."""
-        future = self.submit(results, attention)
+    @contextlib.contextmanager
+    def arriving(self, n: int):
+        """Around a request's decoding: the model thread, once its --max-wait-ms is up, still waits
+        a little (``grace``) for images that are being decoded, so batches fill when many clients
+        send at once."""
+        with self.cond:
+            self.incoming += n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.incoming -= n
+                self.cond.notify()
+
+    async def wait(self, future: concurrent.futures.Future, timeout: float) -> list[Result]:
+        """The captions of a submitted job; 504 after ``timeout`` seconds."""
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except asyncio.TimeoutError:
@@ -83,10 +99,10 @@ class Batcher:
                 return None
             deadline = time.monotonic() + self.max_wait
             while sum(len(j.results) for j in self.queue) < self.max_batch and not self.closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if now >= deadline + self.grace or (now >= deadline and not self.incoming):
                     break
-                self.cond.wait(left)
+                self.cond.wait((deadline if now < deadline else deadline + self.grace) - now)
             jobs, size = [], 0
             while self.queue and (not jobs or size + len(self.queue[0].results) <= self.max_batch):
                 job = self.queue.popleft()
