@@ -106,6 +106,7 @@ def serve(host, port, model_path, encoder_weights, token, no_auth, db_path, max_
     if not is_loopback(host) and not token and not no_auth:
         raise click.UsageError(f"--host {host} is reachable from other machines: give --token (or SAT_SERVE_TOKEN), "
                                "or --no-auth to serve without one.")
+    sock = _bind(host, port)  # before the model loads: a port in use fails at once
     if db_path:  # a database that cannot be opened is a start-up error, not a failure of every request
         from .store import open_db
 
@@ -126,6 +127,24 @@ def serve(host, port, model_path, encoder_weights, token, no_auth, db_path, max_
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets=[sock])
     if not server.started:
-        raise click.ClickException(f"could not listen on {host}:{port} (see the message above)")
+        raise click.ClickException("the server could not start (see the message above)")
+
+
+def _bind(host: str, port: int):
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock

@@ -172,3 +172,34 @@ def test_db_stores_each_photo_once(tiny_model, tmp_path, monkeypatch):
 def test_non_loopback_host_needs_a_token():
     res = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0"])
     assert res.exit_code == 2 and "--token" in res.output and "--no-auth" in res.output
+
+
+def test_port_in_use_is_a_clear_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        res = CliRunner().invoke(cli, ["serve", "--port", str(s.getsockname()[1])])
+    assert res.exit_code == 1 and "cannot listen on 127.0.0.1" in res.output and "Traceback" not in res.output
+
+
+def test_batcher_takes_queued_requests_together_up_to_max_batch(tiny_model):
+    """Requests queued while the model is busy go through it together, at most --max-batch images
+    at a time, each getting its own captions back."""
+    import sat_cli
+    from sat_cli.images import Sources
+    from sat_cli.serve.batching import Batcher
+
+    cap = sat_cli.load(str(tiny_model), device="cpu")
+    expected = cap([EXAMPLES / n for n in PHOTOS])
+    sources = Sources(cap.model.preprocess.size, cap.model.preprocess.interpolation)
+    for max_batch, batches in ((16, 1), (2, 3)):
+        batcher = Batcher(cap.model, cap.settings(), max_batch=max_batch, max_wait_ms=0)
+        jobs = [batcher.submit([sources.from_bytes(None, (EXAMPLES / n).read_bytes())], False) for n in PHOTOS]
+        jobs.append(batcher.submit([sources.from_bytes(None, (EXAMPLES / PHOTOS[0]).read_bytes())], False))
+        batcher.start()  # everything is queued before the model thread looks
+        got = [job.result(60)[0] for job in jobs]
+        batcher.close()
+        assert [r.text for r in got] == [r.text for r in expected] + [expected[0].text]
+        assert (batcher.batches, batcher.images) == (batches, len(PHOTOS) + 1)
