@@ -110,10 +110,9 @@ def caption_batches(model, sources: Iterable, settings: DecodeSettings, *, batch
     ready for inference: device, precision). Every input gets a Result, in order: captioned, failed
     (``error``) or skipped (its content is in ``skip``, or with ``dedupe`` was captioned earlier in
     this call)."""
-    device, precision = model.device, model.precision
     seen: set[str] = set()
     for results, pixels in load_batches(sources, model.preprocess, batch_size, workers, skip,
-                                        pin_memory=device.type == "cuda", read_timeout=read_timeout):
+                                        pin_memory=model.device.type == "cuda", read_timeout=read_timeout):
         fresh = []
         for r in results:
             if r.error or r.skipped:
@@ -124,9 +123,16 @@ def caption_batches(model, sources: Iterable, settings: DecodeSettings, *, batch
             seen.add(r.sha256)
             fresh.append(r)
         if fresh:
-            features = encode(model.encoder, pixels[[r.row for r in fresh]], device, precision)
-            for r, captions in zip(fresh, decode(model, features, settings, attention)):
-                r.captions = captions
-                if not captions:  # every score was NaN or -inf
-                    r.error = NO_CAPTION
+            caption_rows(model, fresh, pixels, settings, attention)
         yield results
+
+
+def caption_rows(model, results: list[Result], pixels, settings: DecodeSettings, attention: bool = True) -> None:
+    """Caption ``results`` whose pixels are rows (``Result.row``) of the (N, 3, H, W) uint8 batch
+    ``pixels``: encode, beam-search, set each one's ``captions`` (or ``error`` when it produced
+    none). ``caption_batches`` and `sat serve`'s batcher both end here."""
+    features = encode(model.encoder, pixels[[r.row for r in results]], model.device, model.precision)
+    for r, captions in zip(results, decode(model, features, settings, attention)):
+        r.captions = captions
+        if not captions:  # every score was NaN or -inf
+            r.error = NO_CAPTION

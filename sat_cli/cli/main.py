@@ -11,6 +11,7 @@ from ..errors import SatError
 from . import importer as cli_import
 from . import metadata as cli_metadata
 from . import models as cli_models
+from . import serve as cli_serve
 from .options import DEVICE, PRECISION, decode_options, settings_for
 
 
@@ -286,5 +287,5 @@ def encoders(as_json):
 
 
 for command in (cli_models.train, cli_models.average, cli_models.eval_command, cli_import.import_group,
-                cli_metadata.metadata):
+                cli_metadata.metadata, cli_serve.serve):
     cli.add_command(command)

@@ -233,6 +233,11 @@ class Sources:
             data = read_file(path, self.read_timeout)
         except OSError as exc:  # gone, unreadable, no longer a regular file, stalled (TimeoutError)
             return Result(path, error=describe_error(exc), index=index)
+        return self.from_bytes(path, data, index)
+
+    def from_bytes(self, path: str | None, data: bytes, index: int | None = None) -> Result:
+        """A file's bytes (read from disk, or sent to `sat serve`) -> its Result with pixels, as
+        for a file: hashed, skipped when known, decoded; a failure is ``error``, never raised."""
         item = Result(path, sha256=hashlib.sha256(data).hexdigest(), size=len(data), index=index)
         if item.sha256 in self.skip:
             item.skipped = True
