@@ -399,7 +399,9 @@ def test_embed_keeps_pixels_bit_identical_and_writes_exif_xmp_iptc(tmp_path, tin
             assert f["IPTC:Caption-Abstract"] == text and f["IPTC:CodedCharacterSet"] == "UTF8"
     assert jpeg_scan((folder / "rocket.jpg").read_bytes()) == jpeg_scan(originals["rocket.jpg"])
     assert png_idat((folder / "coffee.png").read_bytes()) == png_idat(originals["coffee.png"])
+    embedded = {n: ((folder / n).read_bytes(), (folder / n).stat().st_mtime_ns) for n in originals}
     assert run("metadata", db, "--embed").exit_code == 0  # the same captions again: nothing to do
+    assert {n: ((folder / n).read_bytes(), (folder / n).stat().st_mtime_ns) for n in originals} == embedded
     assert run("metadata", db, "--remove", "--embed").exit_code == 0
     left = read(config, *(folder / n for n in originals))
     for name, before in decoded.items():
