@@ -1,4 +1,5 @@
-"""BLEU-1..4 and ROUGE-L from `score_captions` against values worked by hand on a small example."""
+"""BLEU-1..4 and ROUGE-L from `score_captions` against values worked by hand on a small example; `sat
+--version` and the `sat encoders` table."""
 
 import math
 
@@ -22,3 +23,24 @@ def test_bleu_and_rouge_l_equal_values_worked_by_hand():
             "ROUGE-L": (1 + 1.2**2) * 1 * 0.75 / (0.75 + 1.2**2 * 1)}
     for name, value in want.items():
         assert got[name] == pytest.approx(100 * value, abs=1e-4), name
+
+
+def test_version_and_the_encoders_table():
+    import subprocess
+    import sys
+
+    from sat_cli import __version__
+
+    def sat(*args):
+        return subprocess.run([sys.executable, "-m", "sat_cli", *args], capture_output=True, text=True, timeout=120,
+                              env={**__import__("os").environ, "COLUMNS": "250"})
+
+    r = sat("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"sat, version {__version__}"
+    r = sat("encoders")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in r.stdout.splitlines()
+            if line.startswith("│") and line.split("│")[1].strip()}
+    # one row per encoder prefix, with the plugin module that provides it
+    assert rows == {"torchvision": "sat_cli_plugins.torchvision_resnet", "timm": "sat_cli_plugins.timm_models",
+                    "vit": "sat_cli_plugins.vit_grid"}
