@@ -4,6 +4,7 @@ encoder's learning rate following the decoder's), early stop, and --metric choos
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sat_cli.training.schedule import end_epoch, new_state, plateau, should_stop
@@ -55,3 +56,40 @@ def test_same_seed_same_weights_other_seed_other_weights(small_set, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k])
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_label_smoothing_value_and_that_the_options_reach_the_loss_and_the_clip(small_set, tmp_path, monkeypatch):
+    """--label-smoothing: the loss equals the smoothed cross-entropy worked by hand, and the value
+    given to the trainer is the one used; --grad-clip: every step clips at the value given."""
+    import math
+
+    import torch.nn.utils
+
+    import sat_cli.training.loop as loop
+    from sat_cli.training.losses import caption_loss
+    from sat_cli.training.trainer import Trainer
+
+    # one predicted word, vocabulary of 3, target 1: (1 - e) * -log p1 + e * mean(-log p)
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    captions = torch.tensor([[0, 1]])
+    _, ce = caption_loss(logits, torch.zeros(1, 1, 4), captions, None, 0.0, 0.3, pad=9)
+    logp = [x - math.log(sum(math.exp(y) for y in (2.0, 0.0, -1.0))) for x in (2.0, 0.0, -1.0)]
+    assert float(ce) == pytest.approx(0.7 * -logp[1] + 0.3 * -sum(logp) / 3, rel=1e-6)
+
+    seen = {"smoothing": set(), "clip": set()}
+    real_loss, real_clip = loop.caption_loss, torch.nn.utils.clip_grad_norm_
+
+    def loss(*args):
+        seen["smoothing"].add(args[5])
+        return real_loss(*args)
+
+    def clip(params, max_norm, *args, **kwargs):
+        seen["clip"].add(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "caption_loss", loss)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    t = Trainer(tiny_config(small_set, tmp_path, epochs=1, label_smoothing=0.15, grad_clip=0.7))
+    t.setup()
+    t.run()
+    assert seen == {"smoothing": {0.15}, "clip": {0.7}}
