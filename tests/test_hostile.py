@@ -195,7 +195,7 @@ def test_a_stalled_read_times_out_and_the_run_goes_on(tiny_model, monkeypatch, t
     monkeypatch.setattr(images, "_read_all", stalling)
     cap = sat_cli.load(tiny_model, device="cpu")
     box = {}
-    worker = threading.Thread(target=lambda: box.update(out=cap([tmp_path], read_timeout=0.5)), daemon=True)
+    worker = threading.Thread(target=lambda: box.update(out=cap([tmp_path], read_timeout=5)), daemon=True)
     worker.start()
     worker.join(60)
     never.set()

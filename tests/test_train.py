@@ -554,3 +554,52 @@ def test_cli_resume_extends_a_finished_run(small_set, tmp_path):
     assert bad.exit_code == 2 and "not a sat run folder" in bad.stderr
     nodata = CliRunner().invoke(cli, ["train"])
     assert nodata.exit_code == 2 and "--data is required" in nodata.stderr
+
+
+def test_self_critical_reward_is_the_sampled_images_cider_d(small_set, tmp_path, monkeypatch):
+    """SCST with the real CIDEr-D: each sampled caption is scored against the references of the
+    image whose features were sampled (its file's captions in the CSV), not another image's."""
+    import csv
+    from pathlib import Path
+
+    import sat_cli.training.scst as scst
+    from sat_cli.evaluation.cider import CiderD
+    from sat_cli.model.vocab import tokenize
+
+    sampled, calls = [], []
+    real_sample, real_score = scst.sample_captions, CiderD.score
+
+    def recording_sample(decoder, feats, *args, **kwargs):
+        sampled.append(feats.detach().cpu().clone())
+        return real_sample(decoder, feats, *args, **kwargs)
+
+    def recording_score(self, words, image):
+        value = real_score(self, words, image)
+        calls.append((len(sampled) - 1, list(words), image, value))
+        return value
+
+    monkeypatch.setattr(scst, "sample_captions", recording_sample)
+    monkeypatch.setattr(CiderD, "score", recording_score)
+    trainer = Trainer(tiny_config(small_set, tmp_path, epochs=2, scst_from=2, lr=5e-3, scst_samples=3, batch_size=4))
+    trainer.setup()
+    trainer.run()
+    assert calls
+    by_file = {}
+    with open(small_set[0], newline="") as f:
+        for row in csv.DictReader(f):
+            by_file.setdefault(row["image"], []).append([*tokenize(row["caption"]), "<end>"])
+    files = [Path(e.path).name for e in trainer.train_entries]
+    # an independent CIDEr-D over the CSV's references, in the trainer's image order
+    independent = CiderD([by_file[name] for name in files])
+    per_batch = {}
+    for batch, words, image, value in calls:
+        per_batch.setdefault(batch, []).append(image)
+        assert real_score(independent, words, image) == pytest.approx(value, abs=1e-9)
+    for batch, images in per_batch.items():  # the image scored is the image whose features were sampled
+        seen = list(dict.fromkeys(images))
+        assert len(seen) == len(sampled[batch])
+        for row, image in enumerate(seen):
+            torch.testing.assert_close(sampled[batch][row], trainer.train_feats[image].float())
+    # the check above would catch a shuffled pairing: a different image's references score differently
+    shuffled = [(words, (image + 1) % len(files), value) for _, words, image, value in calls]
+    assert any(real_score(independent, w, i) != pytest.approx(v, abs=1e-9) for w, i, v in shuffled)

@@ -126,8 +126,12 @@ def _beam_search(torch, decoder, features, settings, start, end, blocked, attent
     # can never overtake a finished one that already scores better.
     settle = settings.length_penalty == 0 and settings.keep < K
 
+    # Hard attention with argmax inference reads one cell per word: that cell is the word's map.
+    one_hot = attention and getattr(getattr(decoder, "config", None), "argmax_context", False)
     for t in range(L):
         logits, h_new, c_new, alpha = step(features, enc_proj, last, h, c)
+        if one_hot:
+            alpha = torch.zeros_like(alpha).scatter_(-1, alpha.argmax(dim=-1, keepdim=True), 1.0)
         logp = logits.float().log_softmax(dim=-1)  # (B, K, V)
         if blocked_ids.numel():
             logp.index_fill_(2, blocked_ids, neg_inf)
