@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from reference import reference_beam_search  # noqa: E402
 
-from sat_cli.beam import DecodeSettings  # noqa: E402
-from sat_cli.checkpoint import load_checkpoint  # noqa: E402
+from sat_cli.model.beam import DecodeSettings  # noqa: E402
+from sat_cli.model.checkpoint import load_checkpoint  # noqa: E402
 from sat_cli.pipeline import decode, encode, load_batches  # noqa: E402
 from sat_cli.runtime import keep_freed_memory  # noqa: E402
 
@@ -225,7 +225,7 @@ def resnet_model() -> tuple[str, str]:
             std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
             with torch.no_grad():
                 paths = photos(64, offset=1000)
-                from sat_cli.encoders import Preprocess
+                from sat_cli.model.encoders import Preprocess
 
                 for _, x in load_batches(paths, Preprocess((224, 224), interpolation="bilinear"), 16):
                     x = x.float() / 255

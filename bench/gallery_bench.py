@@ -27,7 +27,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 from sat_cli.records import Caption, Result  # noqa: E402
-from sat_cli.store import Store, open_db  # noqa: E402
+from sat_cli.store.writes import Store, open_db  # noqa: E402
 
 WORDS = "a man woman dog cat sitting standing on the table with red blue small large of in front a street".split()
 

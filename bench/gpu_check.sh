@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, for a lent GPU machine (run from the repository root). Installs what that machine
 # lacks from wheels carried in .whl/ (see DEVELOPERS.md), then runs bench/gpu_check.py.
-#   device run: bash bench/gpu_check.sh      (carry: .whl)
+#   device run: bash bench/gpu_check.sh      (carry: .whl, and coco-photos: ~1,000 COCO photos copied
+#   into that ignored folder from ../shared/data, for the real-photo throughput; issue 22)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 site=/tmp/sat-site
@@ -16,4 +17,9 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 out="${OUT:-/tmp/gpu-check}"
 mkdir -p "$out"
 python3 bench/gpu_check.py --out "$out" 2>&1 | tee "$out/gpu_check.log"
-exit "${PIPESTATUS[0]}"
+rc="${PIPESTATUS[0]}"
+# issue 22: the rerun figures with the model on CUDA (small and big parts; the 100k tree is CPU-bound)
+if [ -d ../shared/data ]; then
+  python3 bench/rerun_bench.py --device cuda --only small,big --photos 235 2>&1 | tee "$out/rerun_bench.log"
+fi
+exit "$rc"

@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     from PIL import Image
 
     import sat_cli
-    from sat_cli.pointing import content_words, mosaic, mosaic_sets, score
+    from sat_cli.evaluation.pointing import content_words, mosaic, mosaic_sets, score
 
     paths, captions = coco_val(Path(args.data))
     words = [content_words(c) for c in captions]

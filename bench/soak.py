@@ -5,6 +5,10 @@ Prints the counts, the time lost to the kills and the peak memory of each run; a
 
     python bench/soak.py                         # 5,000 images, 5 kills, the shipped model
     python bench/soak.py --images 300 --kills 2 --tiny --json
+    python bench/soak.py --images 240 --kills 2 --tiny --kill-after-batches 2   # deterministic kills
+
+--kill-after-batches N makes each killed run SIGKILL itself right after its N-th batch is committed,
+so the number of kills asked for is the number delivered whatever the machine's speed (the tests use it).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sat_cli.queries import stored_results
+from sat_cli.store.queries import stored_results
 
 HOSTILE_KINDS = ("random-bytes", "empty", "truncated-png", "text", "named-pipe", "socket", "broken-link", "link-loop",
                  "png-bomb", "gif-garbage")
@@ -154,8 +158,8 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def tiny_model(out: Path) -> str:
-    code = ("import sys; from sat_cli.checkpoint import save_checkpoint; from sat_cli.encoders import EncoderOptions, "
-            "create_encoder; from sat_cli.model import Decoder, DecoderConfig; from sat_cli.vocab import SPECIALS, Vocab; "
+    code = ("import sys; from sat_cli.model.checkpoint import save_checkpoint; from sat_cli.model.encoders import EncoderOptions, "
+            "create_encoder; from sat_cli.model.decoder import Decoder, DecoderConfig; from sat_cli.model.vocab import SPECIALS, Vocab; "
             "import torch; torch.manual_seed(0); e = create_encoder('timm:test_efficientnet', EncoderOptions("
             "pretrained=False, image_size=64)); v = Vocab([*SPECIALS, *'a dog cat on the grass man red'.split()]); "
             "d = Decoder(DecoderConfig(vocab_size=len(v), encoder_dim=e.out_dim, embed_dim=16, attention_dim=16, "
@@ -164,8 +168,25 @@ def tiny_model(out: Path) -> str:
     return str(out)
 
 
+# Runs `sat` with Store.write_batch wrapped to SIGKILL the process right after its N-th committed batch
+# that stored captions (batches of only failed entries do not count).
+KILL_AFTER = """import os, runpy, signal, sys
+from sat_cli.store.writes import Store
+n, write = int(sys.argv.pop(1)), Store.write_batch
+def write_batch(self, run_id, records, *args, **kwargs):
+    write(self, run_id, records, *args, **kwargs)
+    write_batch.done += any(r.captions for r in records)
+    if write_batch.done >= n:
+        os.kill(os.getpid(), signal.SIGKILL)
+write_batch.done = 0
+Store.write_batch = write_batch
+sys.argv[0] = "sat"
+runpy.run_module("sat_cli", run_name="__main__")
+"""
+
+
 def soak(n: int, kills: int, model: str | None, workers: int, seed: int,
-         kill_window: tuple[float, float] = (5.0, 30.0)) -> dict:
+         kill_window: tuple[float, float] = (5.0, 30.0), kill_after_batches: int | None = None) -> dict:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -181,8 +202,11 @@ def soak(n: int, kills: int, model: str | None, workers: int, seed: int,
         while True:
             t0 = time.perf_counter()
             before = stored_results(db, timeout=5) if db.exists() else 0
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             kill_at = rng.uniform(*kill_window) if kills_done < kills else None
+            run_cmd = cmd
+            if kill_after_batches and kill_at is not None:
+                run_cmd, kill_at = [sys.executable, "-c", KILL_AFTER, str(kill_after_batches), *cmd[3:]], None
+            proc = subprocess.Popen(run_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             peak, count, last_commit, first_commit, tick = 0.0, before, t0, None, 0
             while proc.poll() is None:
                 time.sleep(0.1)
@@ -241,11 +265,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kill-window", type=float, nargs=2, default=(5.0, 30.0), metavar=("MIN", "MAX"),
                     help="seconds into a run at which it is killed (uniform)")
+    ap.add_argument("--kill-after-batches", type=int, metavar="N",
+                    help="instead of --kill-window: each killed run dies right after its N-th committed batch with captions")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     model = None if args.tiny else (args.model or str(Path(__file__).resolve().parent.parent / "sat_cli" / "models"
                                                       / "default"))
-    out = soak(args.images, args.kills, model, args.workers, args.seed, tuple(args.kill_window))
+    out = soak(args.images, args.kills, model, args.workers, args.seed, tuple(args.kill_window), args.kill_after_batches)
     if args.json:
         print(json.dumps(out))
         return

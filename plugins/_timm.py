@@ -4,11 +4,13 @@ encoder modules (a CNN's feature map, or a ViT's patch tokens, as the grid)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from sat_cli.backbone import Encoder, load_into, load_weights_file
-from sat_cli.encoders import EncoderFamily, EncoderOptions, Preprocess, offline_weights, unknown_name_error
 from sat_cli.errors import EncoderError, WeightsError
+from sat_cli.model.backbone import Encoder, load_into, load_weights_file
+from sat_cli.model.encoders import EncoderFamily, EncoderOptions, Preprocess, offline_weights, unknown_name_error
 
 
 class TimmCNNEncoder(Encoder):
@@ -73,6 +75,7 @@ def create_model(prefix: str, name: str, options: EncoderOptions, family: Encode
             loader, description = offline
             load_into(model, loader(), description or spec)
     else:
+        fail_fast_offline(name)
         try:
             model = timm.create_model(name, pretrained=True)
         except Exception as exc:
@@ -85,6 +88,51 @@ def create_model(prefix: str, name: str, options: EncoderOptions, family: Encode
                 "pass --encoder-weights PATH, or point HF_HOME at a cache that holds it."
             ) from exc
     return model.eval()
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """One TCP connection to the URL's host (skipped behind a proxy, which may be the only way out)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(url).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def fail_fast_offline(name: str) -> None:
+    """Weights neither cached nor reachable (HF_HUB_OFFLINE, or no route to the host): a clear
+    error at once, instead of the hub's retries and warnings for most of a minute."""
+    import timm
+    import torch
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub = getattr(cfg, "hf_hub_id", None) if cfg else None
+    url = getattr(cfg, "url", None) if cfg else None
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = hub.split("@")[0]
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+            return
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        if offline or not _reachable(endpoint):
+            why = "HF_HUB_OFFLINE is set" if offline else f"{endpoint} cannot be reached"
+            raise WeightsError(
+                f"The pretrained weights of {name} are not in the Hugging Face cache and {why}: get "
+                f"model.safetensors of the Hub repo {repo} elsewhere and pass --encoder-weights PATH, "
+                "or point HF_HOME at a cache that holds it.")
+    elif url:
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
+        if not os.path.exists(cached) and not _reachable(url):
+            raise WeightsError(f"The pretrained weights of {name} are not cached ({cached}) and {url} cannot be "
+                               "reached: download it elsewhere and pass --encoder-weights PATH.")
 
 
 def preprocess_for(model, options: EncoderOptions) -> Preprocess:

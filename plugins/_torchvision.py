@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sat_cli.backbone import Encoder, load_into, load_weights_file
-from sat_cli.encoders import EncoderFamily, EncoderOptions, Preprocess, unknown_name_error
 from sat_cli.errors import EncoderError, WeightsError
+from sat_cli.model.backbone import Encoder, load_into, load_weights_file
+from sat_cli.model.encoders import EncoderFamily, EncoderOptions, Preprocess, unknown_name_error
 from sat_cli_plugins.torchvision_resnet import DEFAULT_GRID, MODELS
 
 
@@ -48,6 +48,11 @@ def fetch_weights(weights) -> dict:
     """torchvision's own loader (hub cache first, then a download); a clear error when offline."""
     filename = weights.url.rsplit("/", 1)[-1]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    from sat_cli_plugins._timm import _reachable
+
+    if not cached.exists() and not _reachable(weights.url):  # fail at once, not after the retries
+        raise WeightsError(f"The ImageNet weights file {filename} is not cached ({cached}) and {weights.url} "
+                           "cannot be reached: download it elsewhere and copy it there, or pass --encoder-weights PATH.")
     try:
         return weights.get_state_dict(progress=False, check_hash=False)
     except Exception as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from sat_cli.hookspecs import hookimpl
+from sat_cli.model.hookspecs import hookimpl
 
 # Blocks per timm stage: Lite0 has 16 blocks; Lite1 and Lite2 are deeper (21), Lite3/4 deeper still.
 STAGE_DEPTHS = {0: (1, 2, 2, 3, 3, 4, 1), 1: (1, 3, 3, 4, 4, 5, 1), 2: (1, 3, 3, 4, 4, 5, 1)}
@@ -67,7 +67,7 @@ def weights_file(variant: int) -> Path | None:
 
 def _loader(path: Path, depths):
     def load() -> dict:
-        from sat_cli.backbone import load_weights_file
+        from sat_cli.model.backbone import load_weights_file
 
         return to_timm(load_weights_file(str(path)), depths)
 

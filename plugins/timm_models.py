@@ -9,8 +9,8 @@ Registering the family imports nothing heavy; ``_timm`` (torch, timm) loads on f
 
 from __future__ import annotations
 
-from sat_cli.encoders import EncoderFamily
-from sat_cli.hookspecs import hookimpl
+from sat_cli.model.encoders import EncoderFamily
+from sat_cli.model.hookspecs import hookimpl
 
 
 def _list_names():

@@ -6,8 +6,8 @@ The pooling and classifier layers are removed; the last feature map is average-p
 
 from __future__ import annotations
 
-from sat_cli.encoders import EncoderFamily
-from sat_cli.hookspecs import hookimpl
+from sat_cli.model.encoders import EncoderFamily
+from sat_cli.model.hookspecs import hookimpl
 
 # name -> (weights enum, default weights tag)
 MODELS = {

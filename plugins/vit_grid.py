@@ -4,8 +4,8 @@ tokens, reshaped to the patch grid (14x14 for a /16 model at 224 px). The module
 
 from __future__ import annotations
 
-from sat_cli.encoders import EncoderFamily
-from sat_cli.hookspecs import hookimpl
+from sat_cli.model.encoders import EncoderFamily
+from sat_cli.model.hookspecs import hookimpl
 
 
 def _list_names():

@@ -15,18 +15,19 @@ It is the same pipeline as the command line: the same captions, scores and maps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .beam import DecodeSettings
+from .model.beam import DecodeSettings
 from .records import Caption, Result
 
 __all__ = ["Captioner", "Caption", "Result", "load"]
 
 
 def _as_list(inputs) -> list:
-    from .images import is_image_object
+    from .inputs.images import is_image_object
 
     if isinstance(inputs, (str, bytes, os.PathLike)) or is_image_object(inputs):
         return [inputs]
@@ -38,7 +39,7 @@ def expand(inputs: Iterable, recursive: bool = True) -> Iterator:
     (lazily, as the walk goes); in-memory images pass through; an entry that cannot be opened (a
     path that names nothing, a special file, an unreadable folder, an object that is neither an
     image nor a path) stays, to fail as a Result with its reason."""
-    from .images import Found, discover, is_image_object
+    from .inputs.images import Found, discover, is_image_object
 
     for source in inputs:
         if is_image_object(source):
@@ -153,10 +154,11 @@ class Captioner:
               settings: DecodeSettings | None = None, batch_size: int = 64, workers: int | None = None,
               attention: bool = True, recursive: bool = True, force: bool = False, progress: bool = False,
               on_result: Callable[[Result], None] | None = None, read_timeout: float | None = None,
-              db_timeout: float = 60.0):
+              db_timeout: float = 60.0, rehash: bool = False):
         """What `sat caption` does: caption files, folders and globs into the SQLite database ``db``
         (created if missing), skipping content already captioned with this model and settings
-        (``force`` redoes it). Returns the run's Summary (run_id, captioned, skipped, failed...).
+        (``force`` redoes it). A file unchanged since it was hashed (same device, inode, size, mtime
+        and ctime) is not read again; ``rehash`` reads every file. Returns the run's Summary (run_id, captioned, skipped, failed...).
         ``db_timeout``: seconds to wait for another program's lock on the database before giving
         up with a StorageError (nothing is lost; run again).
 
@@ -165,7 +167,7 @@ class Captioner:
         """
         from .captioning import CaptionOptions, caption_to_db
         from .errors import SatError
-        from .images import is_image_object
+        from .inputs.images import is_image_object
         from .runtime import precision_scope
 
         _check_counts(batch_size, workers)
@@ -176,25 +178,35 @@ class Captioner:
         settings = settings or self.settings(beam, n_best, max_len, length_penalty, no_repeat_ngram)
         options = CaptionOptions(batch_size=batch_size, workers=workers, force=force, attention=attention,
                                  recursive=recursive, quiet=not progress, read_timeout=read_timeout,
-                                 db_timeout=db_timeout)
-        with precision_scope(self.device, self.precision):
+                                 db_timeout=db_timeout, rehash=rehash)
+        if getattr(self.model, "lazy", False) and not self.model.built:
+            scope = contextlib.nullcontext()  # caption_to_db enters it once the model is built
+        else:
+            scope = precision_scope(self.device, self.precision)
+        with scope:
             return caption_to_db(self.model, [os.fsdecode(p) for p in paths], str(db), settings, options,
                                  on_result=on_result)
 
 
 def load(model: str | Path | None = None, device: str = "auto", precision: str = "auto",
-         encoder_weights: str | None = None) -> Captioner:
+         encoder_weights: str | None = None, lazy: bool = False) -> Captioner:
     """Load a checkpoint folder (default: the model shipped with sat) for captioning.
 
     ``device``: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps. ``precision`` of the
     encoder: auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, fp16, bf16; beam search always
     runs in fp32. ``encoder_weights``: a local file with the encoder's pretrained weights, for
     checkpoints that reference downloadable ones. Under torchrun each rank takes its own GPU.
+    ``lazy``: read the checkpoint's config and fingerprint now, build the model (torch, encoder,
+    weights, device) only when something needs it: a ``to_db`` rerun with nothing new never does.
 
     On Linux, CPU captioning is about twice as fast after ``sat_cli.runtime.keep_freed_memory()``
     (a process-wide malloc setting that `sat caption` applies; call it yourself if you want it).
     """
-    from .checkpoint import load_checkpoint
+    if lazy:
+        from .model.lazy import LazyCheckpoint
+
+        return Captioner(LazyCheckpoint(model, encoder_weights, device, precision))
+    from .model.checkpoint import load_checkpoint
     from .runtime import Dist, resolve_device, resolve_precision
 
     dist = Dist()

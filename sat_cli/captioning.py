@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .beam import DecodeSettings
 from .errors import SatError
+from .model.beam import DecodeSettings
 from .records import Result
 
 
@@ -20,6 +20,7 @@ class CaptionOptions:
     batch_size: int = 64
     workers: int | None = None  # DataLoader workers; None: one per spare core, 1 to 8
     force: bool = False  # redo images already captioned with this model and settings
+    rehash: bool = False  # read and hash every file, whatever the file index says
     attention: bool = True  # store per-word attention maps
     recursive: bool = True
     quiet: bool = False
@@ -37,6 +38,7 @@ class Summary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    writer: bool = True  # under torchrun, rank 0: the process that stored the run and reports it
 
     @property
     def exit_code(self) -> int:
@@ -52,10 +54,10 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
     Under torchrun each rank captions every WORLD_SIZE-th file and sends its results to rank 0,
     the only process that opens the database (so ranks on other machines never touch the SQLite
     file). A rank that dies ends the run; what rank 0 stored stays, and a rerun does the rest."""
-    from .images import discover
+    from .inputs.images import discover
     from .pipeline import caption_batches
     from .runtime import Dist, StopSignal, default_workers
-    from .store import Store, open_db
+    from .store.writes import Store, open_db
 
     dist = dist or Dist()
     dist.init_objects()
@@ -65,27 +67,42 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
     good = [f.path for f in found if not f.error]
     paths = good[dist.rank :: dist.world]
     fingerprint, key = model.fingerprint, settings.key()
-    summary = Summary(run_id=0, total=len(good) + sum(1 for f in found if f.error))
+    summary = Summary(run_id=0, total=len(good) + sum(1 for f in found if f.error), writer=dist.main)
     db = store = None
     if dist.main:
         db = open_db(db_path, timeout=options.db_timeout)
         store = Store(db)
         summary.run_id = store.start_run(
             model_path=model.path, model_fingerprint=fingerprint, encoder=model.encoder_spec,
-            settings=json.dumps(settings.to_dict()), settings_key=key, device=str(model.device),
-            precision=model.precision, batch_size=options.batch_size,
+            settings=json.dumps(settings.to_dict()), settings_key=key, batch_size=options.batch_size,
+            **_run_device(model),
         )
     started = time.perf_counter()
     writer = _Writer(summary, store, fingerprint, key, on_result) if dist.main else None
     if writer:
         writer.write([Result(f.path, error=f.error) for f in found if f.error])
-    from .queries import done_hashes
+    from .store.queries import done_hashes
 
     done = dist.broadcast(frozenset() if options.force or not dist.main else done_hashes(db, fingerprint, key))
+    if dist.world == 1:  # one process: trust the file index for files unchanged since they were hashed
+        paths, known = _unchanged(db, paths, done, writer.stats, options.rehash)
+        for i in range(0, len(known), 1000):
+            writer.write(known[i : i + 1000])
     workers = default_workers() if options.workers is None else options.workers
     status = "done"
-    with StopSignal(interrupt=True), _progress(options.quiet or not dist.main, len(good)) as advance:
+    with StopSignal(interrupt=True), _progress(options.quiet or not dist.main or not paths, len(paths)) as advance, \
+            contextlib.ExitStack() as scope:
         try:
+            if not paths and dist.world == 1:  # nothing to read: no model, no workers
+                raise _NothingToDo
+            if getattr(model, "lazy", False):  # built now: the first file that needs reading
+                model = model.build()
+                from .runtime import precision_scope
+
+                scope.enter_context(precision_scope(model.device, model.precision))
+                if store:
+                    store.db.execute("UPDATE runs SET device = ?, precision = ? WHERE id = ?",
+                                     [str(model.device), model.precision, summary.run_id])
             batches = caption_batches(model, paths, settings, batch_size=options.batch_size, workers=workers,
                                       attention=options.attention, skip=done, dedupe=True,
                                       read_timeout=options.read_timeout)
@@ -95,6 +112,8 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
                     advance(len(results), summary.failed)
             else:
                 _gather_rounds(dist, batches, writer, advance, summary)
+        except _NothingToDo:
+            pass
         except KeyboardInterrupt:
             status = "interrupted"
             summary.interrupted = True
@@ -108,11 +127,23 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
     return summary
 
 
+class _NothingToDo(Exception):
+    pass
+
+
+def _run_device(model) -> dict:
+    """The runs row's device and precision: those asked for while a lazy model is not built yet."""
+    if getattr(model, "lazy", False) and not model.built:
+        return {"device": model.run_device, "precision": model.run_precision}
+    return {"device": str(model.device), "precision": model.precision}
+
+
 class _Writer:
     """Rank 0's side: stores each batch in one transaction and keeps the run's counts."""
 
     def __init__(self, summary: Summary, store, fingerprint: str, key: str, on_result):
         self.summary, self.store, self.fingerprint, self.key, self.on_result = summary, store, fingerprint, key, on_result
+        self.stats: dict = {}  # path -> its stat taken before it was read (the file index)
 
     def write(self, results: list[Result]):
         if not results:
@@ -124,13 +155,32 @@ class _Writer:
                     self.summary.failures.append((r.path, r.error))
             elif r.skipped:
                 self.summary.skipped += 1
-        self.store.write_batch(self.summary.run_id, results, self.fingerprint, self.key)
+        self.store.write_batch(self.summary.run_id, results, self.fingerprint, self.key, after=self._index)
         if self.on_result:
             for r in results:
                 self.on_result(r)
 
+    def _index(self, results: list[Result]):
+        """File index rows for this batch's files, in its transaction (a failed file loses its row)."""
+        from .store.file_index import forget, record
+        from .inputs.paths import to_bytes
+
+        if not self.stats:
+            return
+        ok, failed = [], []
+        for r in results:
+            key = self.stats.get(r.path) if r.path is not None else None
+            if key is None:
+                continue
+            if r.error:
+                failed.append(to_bytes(r.path))
+            elif r.sha256:
+                ok.append((to_bytes(r.path), key, r.sha256))
+        record(self.store.db, ok)
+        forget(self.store.db, failed)
+
     def finish(self, status: str):
-        from .queries import results_of_run
+        from .store.queries import results_of_run
 
         summary, db = self.summary, self.store.db
         try:
@@ -147,6 +197,26 @@ class _Writer:
             # row stays "running" and the next run resumes from what was stored
         finally:
             db.close()
+
+
+def _unchanged(db, paths: list[str], done: frozenset[str], stats: dict, rehash: bool):
+    """Split ``paths`` into those to read and skipped Results for the files the file index vouches
+    for (unchanged since they were hashed, that content already captioned). ``stats`` gets each
+    path's stat, taken now, before any read."""
+    from .store.file_index import lookup, stat_key, trusted
+    from .inputs.paths import to_bytes
+
+    names = [to_bytes(p) for p in paths]
+    index = {} if rehash or not done else lookup(db, names)
+    rest, known = [], []
+    for path, name in zip(paths, names):
+        stats[path] = key = stat_key(path)
+        entry = index.get(name)
+        if entry is not None and entry[5] in done and trusted(entry, key):
+            known.append(Result(path, sha256=entry[5], size=key[2], skipped=True))
+        else:
+            rest.append(path)
+    return rest, known
 
 
 def _gather_rounds(dist, batches, writer, advance, summary):
@@ -193,7 +263,7 @@ def report(summary: Summary, db_path: str, console) -> None:
     )
     from rich.markup import escape
 
-    from .paths import printable
+    from .inputs.paths import printable
 
     for path, error in summary.failures[:10]:
         console.print(f"  [red]failed[/] {escape(printable(path))}: {escape(printable(error))}", highlight=False)

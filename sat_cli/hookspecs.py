@@ -1,24 +1,17 @@
-"""Plugin hooks. A plugin module implements one or more of these with ``@hookimpl``."""
+"""Moved to :mod:`sat_cli.model.hookspecs` (the plugin hook specifications and the ``hookimpl`` marker).
 
-from pluggy import HookimplMarker, HookspecMarker
+This alias keeps plugins written against ``sat_cli.hookspecs`` working for one release and warns;
+import ``sat_cli.model.hookspecs`` instead. Every name is the new module's own object.
+"""
 
-hookspec = HookspecMarker("sat_cli")
-hookimpl = HookimplMarker("sat_cli")
+import warnings
 
+from .model import hookspecs as _moved
+from .model.hookspecs import *  # noqa: F401,F403
 
-@hookspec
-def register_encoders(register):
-    """Register encoder families.
-
-    :param register: call ``register(EncoderFamily(...))`` once per family; the family's
-        ``prefix`` is the part before the colon in a spec such as ``timm:efficientnet_b3``.
-    """
+warnings.warn("sat_cli.hookspecs has moved to sat_cli.model.hookspecs; the old path goes away in the next release",
+              DeprecationWarning, stacklevel=2)
 
 
-@hookspec
-def register_weights(register):
-    """Register pretrained weights that are available without a download.
-
-    :param register: call ``register(spec, loader, description)``; ``loader()`` returns the
-        state dict of the backbone that ``spec`` (``prefix:name``) builds.
-    """
+def __getattr__(name):  # names ``import *`` leaves out (private helpers) come from the new module too
+    return getattr(_moved, name)

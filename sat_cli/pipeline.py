@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from typing import Iterable, Iterator
 
-from .beam import DecodeSettings
+from .model.beam import DecodeSettings
 from .records import Caption, Result
 
 NO_CAPTION = ("the model produced no caption (non-finite scores: the encoder's features may overflow; "
@@ -46,7 +46,7 @@ def load_batches(sources: Iterable, preprocess, batch_size: int | None, workers:
     (default: ``images.READ_TIMEOUT``) is given up as an error."""
     from torch.utils.data import DataLoader
 
-    from .images import READ_TIMEOUT, Sources, collate
+    from .inputs.images import READ_TIMEOUT, Sources, collate
 
     if batch_size is None:
         counter = itertools.count()
@@ -55,9 +55,11 @@ def load_batches(sources: Iterable, preprocess, batch_size: int | None, workers:
         keyed = enumerate(sources)
         batches = iter(lambda: list(itertools.islice(keyed, batch_size)), [])  # lazily: a million files are fine
     timeout = READ_TIMEOUT if read_timeout is None else read_timeout
+    from .runtime import quiet_worker
+
     loader = DataLoader(Sources(preprocess.size, preprocess.interpolation, skip, timeout), batch_sampler=batches,
                         num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, worker_init_fn=quiet_worker if workers else None)
     yield from loader
 
 
@@ -74,7 +76,7 @@ def encode(encoder, pixels, device, precision: str):
 def decode(model, features, settings: DecodeSettings, attention: bool = True) -> list[list[Caption]]:
     """Beam-decode features (N, P, C) with ``model`` (anything with ``decoder``, ``vocab`` and, for
     attention maps, ``grid``): the ranked captions of each image, [] when it produced none."""
-    from .beam import beam_search
+    from .model.beam import beam_search
 
     vocab = model.vocab
     block = getattr(model, "decode_defaults", dict)().get("block_specials", True)  # False: imported models
@@ -104,14 +106,13 @@ def best_text(captions: list[Caption]) -> str:
 def caption_batches(model, sources: Iterable, settings: DecodeSettings, *, batch_size: int = 64,
                     workers: int = 0, attention: bool = True, skip: frozenset[str] = frozenset(),
                     dedupe: bool = False, read_timeout: float | None = None) -> Iterator[list[Result]]:
-    """Caption ``sources`` a batch at a time with ``model`` (a :class:`~sat_cli.checkpoint.Checkpoint`
+    """Caption ``sources`` a batch at a time with ``model`` (a :class:`~sat_cli.model.checkpoint.Checkpoint`
     ready for inference: device, precision). Every input gets a Result, in order: captioned, failed
     (``error``) or skipped (its content is in ``skip``, or with ``dedupe`` was captioned earlier in
     this call)."""
-    device, precision = model.device, model.precision
     seen: set[str] = set()
     for results, pixels in load_batches(sources, model.preprocess, batch_size, workers, skip,
-                                        pin_memory=device.type == "cuda", read_timeout=read_timeout):
+                                        pin_memory=model.device.type == "cuda", read_timeout=read_timeout):
         fresh = []
         for r in results:
             if r.error or r.skipped:
@@ -122,9 +123,16 @@ def caption_batches(model, sources: Iterable, settings: DecodeSettings, *, batch
             seen.add(r.sha256)
             fresh.append(r)
         if fresh:
-            features = encode(model.encoder, pixels[[r.row for r in fresh]], device, precision)
-            for r, captions in zip(fresh, decode(model, features, settings, attention)):
-                r.captions = captions
-                if not captions:  # every score was NaN or -inf
-                    r.error = NO_CAPTION
+            caption_rows(model, fresh, pixels, settings, attention)
         yield results
+
+
+def caption_rows(model, results: list[Result], pixels, settings: DecodeSettings, attention: bool = True) -> None:
+    """Caption ``results`` whose pixels are rows (``Result.row``) of the (N, 3, H, W) uint8 batch
+    ``pixels``: encode, beam-search, set each one's ``captions`` (or ``error`` when it produced
+    none). ``caption_batches`` and `sat serve`'s batcher both end here."""
+    features = encode(model.encoder, pixels[[r.row for r in results]], model.device, model.precision)
+    for r, captions in zip(results, decode(model, features, settings, attention)):
+        r.captions = captions
+        if not captions:  # every score was NaN or -inf
+            r.error = NO_CAPTION

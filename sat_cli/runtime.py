@@ -207,6 +207,25 @@ class Dist:
                 td.destroy_process_group()
 
 
+def quiet_worker(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: a worker leaves Ctrl-C to the main process (which stops
+    cleanly and ends its workers), and once the main process is gone nothing a worker's threads
+    raise is printed (torch's fd-passing thread in multiprocessing/resource_sharer.py used to print
+    a cut-off traceback when the main process ended mid-transfer)."""
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    previous = threading.excepthook
+
+    def hook(args):
+        if os.getppid() != parent or issubclass(args.exc_type, (ConnectionError, EOFError, OSError)):
+            return  # the main process is gone or going: nobody to tell
+        previous(args)
+
+    threading.excepthook = hook
+
+
 class StopSignal:
     """Ctrl-C and SIGTERM (a scheduler's stop) while inside.
 

@@ -29,10 +29,10 @@ def build_tiny_model(out: Path, spec="timm:test_efficientnet", image_size=64, se
     """A small checkpoint with random weights (encoder included) for fast CPU tests."""
     import torch
 
-    from sat_cli.checkpoint import save_checkpoint
-    from sat_cli.encoders import EncoderOptions, create_encoder
-    from sat_cli.model import Decoder, DecoderConfig
-    from sat_cli.vocab import SPECIALS, Vocab
+    from sat_cli.model.checkpoint import save_checkpoint
+    from sat_cli.model.decoder import Decoder, DecoderConfig
+    from sat_cli.model.encoders import EncoderOptions, create_encoder
+    from sat_cli.model.vocab import SPECIALS, Vocab
 
     torch.manual_seed(seed)
     encoder = create_encoder(spec, EncoderOptions(pretrained=False, image_size=image_size, grid=grid))

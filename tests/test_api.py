@@ -12,7 +12,7 @@ from PIL import Image
 
 import sat_cli
 from conftest import EXAMPLES
-from sat_cli.cli import cli
+from sat_cli.cli.main import cli
 from sat_cli.errors import SatError
 
 
@@ -139,8 +139,8 @@ def test_caption_of_an_empty_folder_leaves_no_database(tmp_path, tiny_model):
 
 def test_train_options_come_from_the_config():
     """Every TrainConfig field is a `sat train` option with the same default (switches flip theirs)."""
-    from sat_cli.cli_models import config_from_options
-    from sat_cli.cli_models import train as train_command
+    from sat_cli.cli.models import config_from_options
+    from sat_cli.cli.models import train as train_command
     from sat_cli.training import TrainConfig
 
     options = {p.name: p for p in train_command.params}
@@ -171,7 +171,7 @@ def test_eval_n_best_widens_the_beam_as_caption_does(tmp_path, tiny_model):
 
 
 def test_the_api_tour_example_runs():
-    """examples/api_tour.py is the README's notebook-style walk through the API: it must run as written."""
+    """examples/api_tour.py is the Python API page's (docs/python-api.md) notebook-style walk through the API: it must run as written."""
     import subprocess
     import sys
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sat_cli.beam import DecodeSettings, beam_search
-from sat_cli.model import Decoder, DecoderConfig, InferenceStep
+from sat_cli.model.beam import DecodeSettings, beam_search
+from sat_cli.model.decoder import Decoder, DecoderConfig, InferenceStep
 
 START, END = 1, 2
 BLOCKED = (0, 1, 3)  # <pad>, <start>, <unk>
@@ -312,3 +312,16 @@ def test_images_settled_early_keep_the_full_search_result(monkeypatch):
     beam_search(dec, feats, DecodeSettings(beam_size=4, max_len=15, length_penalty=0.7), start=START, end=END,
                 blocked=BLOCKED)
     assert lp_steps == len(calls)
+
+
+def test_hard_attention_argmax_maps_are_one_hot():
+    """With argmax inference the decoder reads one cell per word, so the attention map stored with
+    each word is that cell: one-hot (a soft map would claim it looked elsewhere too)."""
+    argmax = make_decoder(end_bias=1.0, attention="hard", hard_inference="argmax")
+    hyps = beam_search(argmax, make_features(3), DecodeSettings(beam_size=3, max_len=8), start=START, end=END,
+                       blocked=BLOCKED)
+    for per_image in hyps:
+        for hyp in per_image:
+            alphas = torch.as_tensor(hyp.alphas)
+            alphas = alphas.reshape(alphas.shape[0], -1) if alphas.numel() else alphas.reshape(0, 1)
+            assert ((alphas == 0) | (alphas == 1)).all() and (alphas.sum(-1) == 1).all(), alphas

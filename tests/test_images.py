@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import EXAMPLES
-from sat_cli.images import Sources, collate, discover, load_image
+from sat_cli.inputs.images import Sources, collate, discover, load_image
 
 
 def test_discover_folders_files_globs_and_missing(photos, tmp_path):

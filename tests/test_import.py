@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import SHARED_DATA, shared_images
-from sat_cli.cli import cli
+from sat_cli.cli.main import cli
 from sat_cli.errors import CheckpointError
 from sat_cli.importers import import_sgrvinod
 from sat_cli.importers.unpickle import _storage_tensor
-from sat_cli.vocab import SPECIALS
+from sat_cli.model.vocab import SPECIALS
 
 MODELS = types.ModuleType("models")  # his models.py, as pickle will name it
 MODELS.__file__ = __file__  # so torch's legacy format stores the classes' source, as it did for him

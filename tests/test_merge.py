@@ -8,7 +8,7 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from conftest import EXAMPLES, build_tiny_model
-from sat_cli.cli import cli
+from sat_cli.cli.main import cli
 
 
 def run(*args):
@@ -42,7 +42,12 @@ def test_merge_deduplicates_keeps_provenance_and_is_idempotent(tmp_path, tiny_mo
     assert db["attention_maps"].count == db["captions"].count
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     word = next(db["captions"].rows)["text"].split()[0]
-    assert json.loads(run("search", tmp_path / "all.db", word, "--json").stdout)  # full-text index follows
+    # the full-text index follows the merge: exactly the merged captions holding the word, each once
+    found = json.loads(run("search", tmp_path / "all.db", word, "--json", "--limit", "1000").stdout)
+    want = db.execute("SELECT images.path, captions.rank, captions.text FROM captions JOIN results ON results.id = "
+                      "captions.result_id JOIN images USING (sha256)").fetchall()
+    want = sorted((p, r, t) for p, r, t in want if word in t.split())
+    assert sorted((row["path"], row["rank"], row["caption"]) for row in found) == want
     exported = run("export", tmp_path / "all.db", "--format", "jsonl", "--attention")
     # one object per image path and result: chelsea, coffee (1 each); both rocket.jpg paths and camera
     # with both models (2 each)

@@ -1,4 +1,4 @@
-"""The pointing game (sat_cli.pointing): it scores where the attention falls, and it separates a
+"""The pointing game (sat_cli.evaluation.pointing): it scores where the attention falls, and it separates a
 model that attends from one whose maps are uniform."""
 
 from types import SimpleNamespace
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from sat_cli.beam import DecodeSettings
-from sat_cli.model import Decoder, DecoderConfig
+from sat_cli.evaluation.pointing import (content_words, entropy_ratio, mosaic, mosaic_sets, owner, quadrant_shares,
+                                         score, stem)
+from sat_cli.model.beam import DecodeSettings
+from sat_cli.model.decoder import Decoder, DecoderConfig
+from sat_cli.model.vocab import SPECIALS, Vocab
 from sat_cli.pipeline import decode
-from sat_cli.pointing import (content_words, entropy_ratio, mosaic, mosaic_sets, owner, quadrant_shares, score,
-                              stem)
 from sat_cli.training.losses import caption_loss
-from sat_cli.vocab import SPECIALS, Vocab
 
 
 def test_quadrant_shares_even_and_odd_grids():

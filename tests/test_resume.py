@@ -12,7 +12,7 @@ import sqlite_utils
 from PIL import Image
 
 from conftest import EXAMPLES
-from sat_cli.queries import stored_results
+from sat_cli.store.queries import stored_results
 
 
 @pytest.fixture
@@ -88,14 +88,29 @@ def test_sigterm_stops_cleanly(many_photos, tmp_path, tiny_model):
 
 
 def test_processes_creating_one_database_at_once_all_succeed(tmp_path):
-    """torchrun ranks open (and so create and migrate) the same new database at the same moment."""
-    code = "import sys; from sat_cli.store import open_db; open_db(sys.argv[1])"
-    for attempt in range(5):  # without the migration lock, 2 of 60 such processes failed
-        db_path = tmp_path / f"race{attempt}.db"
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(db_path)], stderr=subprocess.PIPE, text=True)
-                 for _ in range(4)]
-        errors = [p.communicate(timeout=120)[1] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    """torchrun ranks open (and so create and migrate) the same new database at the same moment.
+    The processes import everything, say they are ready, wait at a barrier (a file) and are released
+    together; the first migration holds its transaction 0.3 s and says when it runs. With the migration
+    lock exactly one process migrates; without it the others read the list of applied migrations
+    inside that window and run the migration again (each is idempotent, so only the count shows it):
+    this test then fails every time."""
+    code = ("import os, sys, time\n"
+            "from sat_cli.store.writes import open_db\nfrom sat_cli.store import migrations\n"
+            "first = migrations.MIGRATIONS[0]\n"
+            "def slow(db):\n    print('migrating', flush=True)\n    time.sleep(0.3)\n    first(db)\n"
+            "slow.__name__ = first.__name__\nmigrations.MIGRATIONS[0] = slow\n"
+            "print('ready', flush=True)\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.0005)\n"
+            "open_db(sys.argv[1])")
+    for attempt in range(3):
+        db_path, go = tmp_path / f"race{attempt}.db", tmp_path / f"go{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(db_path), str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 6
+        go.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, [err for _, err in outs]
+        assert sum(out.split().count("migrating") for out, _ in outs) == 1
         db = sqlite_utils.Database(db_path)
         assert db.journal_mode == "wal" and {"runs", "images", "results", "captions"} <= set(db.table_names())
 
@@ -105,10 +120,10 @@ def test_an_interrupt_just_after_a_commit_is_still_counted(many_photos, tmp_path
     with what is stored."""
     import torch
 
-    from sat_cli.beam import DecodeSettings
     from sat_cli.captioning import CaptionOptions, caption_to_db
-    from sat_cli.checkpoint import load_checkpoint
-    from sat_cli.store import Store
+    from sat_cli.model.beam import DecodeSettings
+    from sat_cli.model.checkpoint import load_checkpoint
+    from sat_cli.store.writes import Store
 
     write_batch, written = Store.write_batch, []
 

@@ -30,15 +30,15 @@ def test_system_malloc_can_be_kept():
 
 
 def test_importing_sat_or_listing_encoders_loads_no_torch():
-    code = ("import sys, sat_cli, sat_cli.cli; from sat_cli.encoders import families, offline_weights; "
+    code = ("import sys, sat_cli, sat_cli.cli.main; from sat_cli.model.encoders import families, offline_weights; "
             "families(); offline_weights(); print('torch' in sys.modules, 'timm' in sys.modules)")
     assert run_python(code) == "False False"
 
 
 def test_plugin_hooks_run_once_per_set_of_plugins():
-    from sat_cli.encoders import families
-    from sat_cli.hookspecs import hookimpl
-    from sat_cli.plugins import pm
+    from sat_cli.model.encoders import families
+    from sat_cli.model.hookspecs import hookimpl
+    from sat_cli.model.plugins import pm
 
     assert families() is families()
     calls = []

@@ -3,7 +3,6 @@ a damaged database, kill -9 at any moment. Each gives one clear message and exit
 database stays as consistent as before, and the next run resumes."""
 
 import os
-import random
 import resource
 import shutil
 import signal
@@ -77,10 +76,9 @@ def test_a_database_locked_by_another_program(tmp_path, tiny_model):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        started = time.monotonic()
         r = sat("caption", photos, "--db", db, "--model", tiny_model, "--workers", "0", "--db-timeout", "1")
         assert r.returncode == 2 and "locked by another program" in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert time.monotonic() - started < 30
+        assert "waited 1 s" in r.stderr  # --db-timeout reached the store (no wall-clock bound: busy machines)
     finally:
         holder.kill()
         holder.wait()
@@ -92,7 +90,7 @@ def test_a_database_locked_by_another_program(tmp_path, tiny_model):
 def test_a_held_migration_lock_and_a_database_name_that_is_not_utf8(tmp_path, tiny_model):
     """Another sat process holding the lock that orders migrations: one clear message within
     --db-timeout, exit 2; a database whose file name is not UTF-8 opens like any other."""
-    from sat_cli.store import migration_lock
+    from sat_cli.store.writes import migration_lock
 
     photos = make_photos(tmp_path / "photos", 2)
     db = tmp_path / "held.db"
@@ -157,22 +155,46 @@ def test_a_damaged_database_gives_one_clear_message(tmp_path, tiny_model):
         assert r.returncode == 2 and "damaged" in r.stderr and "Traceback" not in r.stderr, (args[0], r.stderr)
 
 
+KILL_AFTER_BATCHES = """import os, runpy, signal, sys
+from sat_cli.store.writes import Store
+n, write = int(sys.argv.pop(1)), Store.write_batch
+def write_batch(self, run_id, records, *args, **kwargs):
+    write(self, run_id, records, *args, **kwargs)
+    write_batch.done += any(r.captions for r in records)
+    if write_batch.done == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+write_batch.done = 0
+Store.write_batch = write_batch
+sys.argv[0] = "sat"
+runpy.run_module("sat_cli", run_name="__main__")
+"""
+
+
 def test_kill_9_at_any_moment_leaves_a_database_that_opens_and_resumes(tmp_path, tiny_model):
-    """SIGKILL at random moments, from the first instant (creating the database and migrating it)
-    to mid-run: every time the database passes the integrity check, and the last run completes
-    with each photo captioned once."""
+    """SIGKILL at early moments (creating the database and migrating it, wherever they land) and then
+    right after a batch was committed (the process kills itself after its 2nd batch of captions, so each of
+    those kills lands mid-run on any machine): every time the database passes the integrity check,
+    each mid-run kill keeps exactly the two committed batches, and the last run completes with each
+    photo captioned once."""
     photos = make_photos(tmp_path / "photos", 40)
     db = tmp_path / "k.db"
-    rng = random.Random(7)
-    for delay in [0.3, 0.6, 0.9, 1.2] + [rng.uniform(0.5, 6.0) for _ in range(6)]:
-        proc = subprocess.Popen([sys.executable, "-m", "sat_cli", "caption", str(photos), "--db", str(db), "--model",
-                                 str(tiny_model), "--workers", "0", "--batch-size", "4", "-q"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["caption", str(photos), "--db", str(db), "--model", str(tiny_model), "--workers", "0", "--batch-size", "4",
+            "-q"]
+    for delay in (0.3, 0.6, 0.9, 1.2):
+        proc = subprocess.Popen([sys.executable, "-m", "sat_cli", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if db.exists():
             consistent(db)
+    for _ in range(3):
+        before = consistent(db)["results"].count if db.exists() else 0
+        proc = subprocess.run([sys.executable, "-c", KILL_AFTER_BATCHES, "2", *args], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        after = consistent(db)["results"].count
+        assert after == before + 8 < 40  # some stored, not all: the kill landed mid-run, after two commits
     r = sat("caption", photos, "--db", db, "--model", tiny_model, "--workers", "0", "-q")
     assert r.returncode == 0, r.stderr
     final = consistent(db)

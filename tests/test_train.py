@@ -14,14 +14,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import EXAMPLES
-from sat_cli.cli import cli
-from sat_cli.datasets import load_captions
+from sat_cli.cli.main import cli
 from sat_cli.errors import DataError
-from sat_cli.model import Decoder, DecoderConfig, attention_regularizer
+from sat_cli.evaluation.datasets import load_captions
+from sat_cli.model.decoder import Decoder, DecoderConfig, attention_regularizer
+from sat_cli.model.vocab import Vocab
 from sat_cli.training import TrainConfig
 from sat_cli.training.losses import caption_loss
 from sat_cli.training.trainer import Trainer
-from sat_cli.vocab import Vocab
 
 CAPTIONS = {
     "chelsea": ["a cat lying on a red blanket", "a tabby cat resting", "the cat looks at the camera"],
@@ -239,7 +239,7 @@ def test_hard_attention_training_writes_a_hard_model(small_set, tmp_path):
 def test_zero_initial_state_leaves_vision_to_the_attention(small_set, tmp_path):
     """--init-state zero: no projection of the mean feature; the first state is zero, and the
     checkpoint records it (it loads back strictly)."""
-    from sat_cli.checkpoint import load_checkpoint
+    from sat_cli.model.checkpoint import load_checkpoint
 
     dec = Decoder(DecoderConfig(vocab_size=10, encoder_dim=6, embed_dim=4, attention_dim=5, decoder_dim=7,
                                 init_state="zero"))
@@ -318,8 +318,8 @@ def test_training_learns_and_writes_checkpoints_and_metrics(small_set, tmp_path)
 
 
 def test_feature_cache_is_reused(small_set, tmp_path):
-    from sat_cli.encoders import create_encoder
     from sat_cli.features import FeatureCache
+    from sat_cli.model.encoders import EncoderOptions, create_encoder
 
     encoder = create_encoder("timm:tf_efficientnet_lite0")
     calls = []
@@ -333,8 +333,7 @@ def test_feature_cache_is_reused(small_set, tmp_path):
     second.encoder.register_forward_hook(lambda m, i, o: calls.append(len(o)))
     assert second.dir == cache.dir
     assert second.build(paths, torch.device("cpu"), "fp32", workers=0, quiet=True) == first and calls == []
-    other = FeatureCache(create_encoder("timm:tf_efficientnet_lite0", __import__("sat_cli.encoders").encoders
-                                        .EncoderOptions(grid=3)), tmp_path / "cache")
+    other = FeatureCache(create_encoder("timm:tf_efficientnet_lite0", EncoderOptions(grid=3)), tmp_path / "cache")
     assert other.dir != cache.dir  # another grid, another key
 
 
@@ -427,7 +426,7 @@ def test_fine_tuning_trains_the_encoder_and_stores_it(small_set, tmp_path):
 
 # ------------------------------------------------------------------ metrics and eval
 def test_metrics_on_a_known_tiny_case(monkeypatch):
-    from sat_cli import metrics
+    from sat_cli.evaluation import metrics
 
     refs = {1: ["a dog sits on grass"], 2: ["a red ball"]}
     same = metrics.score_captions(refs, {1: "a dog sits on grass", 2: "a red ball"}, meteor=False)
@@ -447,7 +446,7 @@ def test_metrics_on_a_known_tiny_case(monkeypatch):
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
 def test_meteor_with_java():
-    from sat_cli.metrics import score_captions
+    from sat_cli.evaluation.metrics import score_captions
 
     out = score_captions({1: ["a dog sits on the grass"], 2: ["a red ball"]},
                          {1: "a dog sits on the grass", 2: "a blue cube"})
@@ -484,7 +483,7 @@ def test_eval_model_and_database(small_set, tmp_path):
 def test_cider_d_matches_pycocoevalcap():
     from pycocoevalcap.cider.cider import Cider
 
-    from sat_cli.cider import CiderD
+    from sat_cli.evaluation.cider import CiderD
 
     refs = {0: ["a dog runs on the grass", "a brown dog running", "dog on grass"],
             1: ["a man rides a red bike", "a cyclist on a road", "man riding bicycle"],
@@ -505,7 +504,7 @@ class CatReward:
 
 
 def greedy_cat_share(trainer) -> float:
-    from sat_cli.beam import DecodeSettings, beam_search
+    from sat_cli.model.beam import DecodeSettings, beam_search
 
     v = trainer.vocab
     trainer.decoder.eval()
@@ -556,3 +555,52 @@ def test_cli_resume_extends_a_finished_run(small_set, tmp_path):
     assert bad.exit_code == 2 and "not a sat run folder" in bad.stderr
     nodata = CliRunner().invoke(cli, ["train"])
     assert nodata.exit_code == 2 and "--data is required" in nodata.stderr
+
+
+def test_self_critical_reward_is_the_sampled_images_cider_d(small_set, tmp_path, monkeypatch):
+    """SCST with the real CIDEr-D: each sampled caption is scored against the references of the
+    image whose features were sampled (its file's captions in the CSV), not another image's."""
+    import csv
+    from pathlib import Path
+
+    import sat_cli.training.scst as scst
+    from sat_cli.evaluation.cider import CiderD
+    from sat_cli.model.vocab import tokenize
+
+    sampled, calls = [], []
+    real_sample, real_score = scst.sample_captions, CiderD.score
+
+    def recording_sample(decoder, feats, *args, **kwargs):
+        sampled.append(feats.detach().cpu().clone())
+        return real_sample(decoder, feats, *args, **kwargs)
+
+    def recording_score(self, words, image):
+        value = real_score(self, words, image)
+        calls.append((len(sampled) - 1, list(words), image, value))
+        return value
+
+    monkeypatch.setattr(scst, "sample_captions", recording_sample)
+    monkeypatch.setattr(CiderD, "score", recording_score)
+    trainer = Trainer(tiny_config(small_set, tmp_path, epochs=2, scst_from=2, lr=5e-3, scst_samples=3, batch_size=4))
+    trainer.setup()
+    trainer.run()
+    assert calls
+    by_file = {}
+    with open(small_set[0], newline="") as f:
+        for row in csv.DictReader(f):
+            by_file.setdefault(row["image"], []).append([*tokenize(row["caption"]), "<end>"])
+    files = [Path(e.path).name for e in trainer.train_entries]
+    # an independent CIDEr-D over the CSV's references, in the trainer's image order
+    independent = CiderD([by_file[name] for name in files])
+    per_batch = {}
+    for batch, words, image, value in calls:
+        per_batch.setdefault(batch, []).append(image)
+        assert real_score(independent, words, image) == pytest.approx(value, abs=1e-9)
+    for batch, images in per_batch.items():  # the image scored is the image whose features were sampled
+        seen = list(dict.fromkeys(images))
+        assert len(seen) == len(sampled[batch])
+        for row, image in enumerate(seen):
+            torch.testing.assert_close(sampled[batch][row], trainer.train_feats[image].float())
+    # the check above would catch a shuffled pairing: a different image's references score differently
+    shuffled = [(words, (image + 1) % len(files), value) for _, words, image, value in calls]
+    assert any(real_score(independent, w, i) != pytest.approx(v, abs=1e-9) for w, i, v in shuffled)

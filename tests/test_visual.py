@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import EXAMPLES, build_tiny_model
-from sat_cli.cli import cli
+from sat_cli.cli.main import cli
 
 INJECTED = '<img src=x onerror="document.title=1">&amp;.png'
 
@@ -59,7 +59,7 @@ def test_each_word_panel_lights_where_its_own_map_points(tmp_path):
     """On a white photo, word 1 attends only the top-left cell and word 2 only the bottom-right:
     each panel is bright where its own map points and dim elsewhere, and prints the real peak
     weight and entropy (a uniform third word shows entropy 1.00, not a sharp map)."""
-    from sat_cli.show import render
+    from sat_cli.views.show import render
 
     photo = tmp_path / "white.png"
     Image.new("RGB", (200, 200), "white").save(photo)
@@ -86,13 +86,19 @@ def test_each_word_panel_lights_where_its_own_map_points(tmp_path):
     assert brightness(3, 0.1, 0.1) > 200 and brightness(3, 0.9, 0.9) > 200  # uniform: evenly lit, not a spot
 
 
-def test_show_selects_by_hash_prefix_row_id_and_rank(gallery_db, tmp_path):
+def test_show_selects_by_hash_prefix_row_id_and_rank(gallery_db, tmp_path, monkeypatch):
     db, photos = gallery_db
     sdb = sqlite_utils.Database(db)
     row = next(sdb["images"].rows_where("path like '%coffee.png'"))
-    assert run("show", db, row["sha256"][:8], "--out", tmp_path / "a.png").exit_code == 0
-    assert run("show", db, str(row["id"]), "--out", tmp_path / "b.png", "--rank", "2").exit_code == 0
-    assert run("show", db, "photos/coffee.png", "--out", tmp_path / "c.png").exit_code == 0
+    texts = dict(sdb.execute("SELECT captions.rank, captions.text FROM captions JOIN results ON results.id = "
+                             "captions.result_id WHERE results.sha256 = ?", [row["sha256"]]).fetchall())
+    assert len(set(texts.values())) == 3  # distinct captions per rank, so the one drawn is identifiable
+    for i, (selector, rank) in enumerate(((row["sha256"][:8], 1), (str(row["id"]), 2), ("photos/coffee.png", 3))):
+        monkeypatch.chdir(tmp_path / str(i) if (tmp_path / str(i)).mkdir() is None else None)
+        r = run("show", db, selector, "--rank", rank)  # no --out: the figure is named after the image drawn
+        assert r.exit_code == 0 and [p.name for p in Path.cwd().iterdir()] == ["coffee.attention.png"], r.output
+        assert f"{texts[rank]!r}" in r.output, (selector, rank, r.output)  # this image's caption of this rank
+        assert all(f"{texts[other]!r}" not in r.output for other in texts if other != rank)
     r = run("show", db, str(row["id"]), "--rank", "9", "--out", tmp_path / "d.png")
     assert r.exit_code == 2 and "No caption of rank 9" in r.stderr and "ranks stored: [1, 2, 3]" in r.stderr
 
@@ -234,8 +240,8 @@ def test_html_gallery_in_a_real_browser(gallery_db, tmp_path):
             "SELECT words, grid_h, grid_w, data FROM attention_maps JOIN captions ON captions.id = caption_id "
             "JOIN results ON results.id = result_id JOIN images USING (sha256) WHERE images.path = ? AND rank = 1",
             [injected]).fetchone()
-        from sat_cli.pointing import map_stats
-        from sat_cli.queries import decode_attention
+        from sat_cli.evaluation.pointing import map_stats
+        from sat_cli.store.queries import decode_attention
 
         maps = decode_attention(dict(zip(("words", "grid_h", "grid_w", "data"), db_map)))
         peak, entropy = map_stats(maps[1])

@@ -27,9 +27,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..encoders import EncoderOptions, Preprocess
 from ..errors import CheckpointError, SatError
-from ..vocab import PAD, SPECIALS, Vocab
+from ..model.encoders import EncoderOptions, Preprocess
+from ..model.vocab import PAD, SPECIALS, Vocab
 from .unpickle import fields, load_restricted, module_tensors, origin
 
 REPOSITORY = "sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning"
@@ -96,8 +96,8 @@ def build_encoder(enc, source: str):
     """His ``models.Encoder`` stand-in -> sat's torchvision encoder with his weights."""
     import torch
 
-    from ..backbone import load_into
-    from ..encoders import create_encoder
+    from ..model.backbone import load_into
+    from ..model.encoders import create_encoder
 
     seq = NN + "container.Sequential"
     parts = _module(enc, "models.Encoder", "checkpoint['encoder']")
@@ -133,7 +133,7 @@ def build_decoder(dec, his_ids: list[int], encoder_dim: int):
     """His ``models.DecoderWithAttention`` stand-in -> sat's Decoder, rows in sat's word order."""
     import torch
 
-    from ..model import Decoder, DecoderConfig
+    from ..model.decoder import Decoder, DecoderConfig
 
     parts = _module(dec, "models.DecoderWithAttention", "checkpoint['decoder']")
     _module(parts.get("attention"), "models.Attention", "decoder.attention")
@@ -171,7 +171,7 @@ def _number(value):
 def import_sgrvinod(checkpoint: str | Path, word_map: str | Path, out: str | Path, *, half: bool = False) -> Imported:
     """Convert his checkpoint and word map into the sat checkpoint folder ``out``. Nothing in the
     file is run: see :func:`~sat_cli.importers.unpickle.load_restricted`."""
-    from ..checkpoint import save_checkpoint
+    from ..model.checkpoint import save_checkpoint
 
     checkpoint, word_map = Path(checkpoint), Path(word_map)
     vocab, his_ids = sat_vocab(read_word_map(word_map))

@@ -29,12 +29,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop=None) -> dict:
 
 def report(cfg: TrainConfig, summary: dict) -> None:
     """The end of `sat train` (stderr, rank 0): the per-epoch table and where the best model is."""
-    from ..metrics import metrics_table
+    from ..evaluation.metrics import metrics_table
     from ..progress import console
 
     rows = read_metrics(cfg.out)
     if rows:
-        console.print(metrics_table(rows, title=f"{cfg.out}/metrics.jsonl"))
+        console.print(metrics_table(rows, title=f"{cfg.out}/metrics.jsonl", width=console.width))
     if summary["stopped"]:
         console.print(f"Stopped. Continue with: sat train --resume {cfg.out}")
     else:

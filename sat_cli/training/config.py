@@ -1,5 +1,5 @@
 """The training configuration: the one place where `sat train`'s options and their defaults are
-written down (cli.py builds its options from these fields, help text included)."""
+written down (cli/models.py builds its options from these fields, help text included)."""
 
 from __future__ import annotations
 

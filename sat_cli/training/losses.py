@@ -11,7 +11,7 @@ def caption_loss(logits, alphas, captions, lengths, attention_lambda, label_smoo
     """
     import torch.nn.functional as F
 
-    from ..model import attention_regularizer
+    from ..model.decoder import attention_regularizer
 
     targets = captions[:, 1 : alphas.shape[1] + 1]
     mask = targets != pad

@@ -38,7 +38,7 @@ def scst_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
     from torch.nn.utils import clip_grad_norm_
     from torch.utils.data import DistributedSampler
 
-    from ..cider import CiderD
+    from ..evaluation.cider import CiderD
 
     cfg, device, vocab, dist = t.cfg, t.device, t.vocab, t.dist
     if t.cider is None:

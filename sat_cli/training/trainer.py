@@ -24,7 +24,7 @@ def fused_adam(device) -> dict:
 
 def split_entries(cfg: TrainConfig, say):
     """(train entries, val entries) from the caption files; missing images reported."""
-    from ..datasets import load_captions
+    from ..evaluation.datasets import load_captions
 
     data = load_captions(cfg.data, cfg.images, val_fraction=cfg.val_fraction)
     missing = list(data.missing)
@@ -67,11 +67,11 @@ class Trainer:
         import numpy as np
         import torch
 
-        from ..encoders import EncoderOptions, create_encoder
         from ..features import FeatureCache
-        from ..model import Decoder, DecoderConfig
+        from ..model.decoder import Decoder, DecoderConfig
+        from ..model.encoders import EncoderOptions, create_encoder
+        from ..model.vocab import Vocab
         from ..runtime import default_workers, precision_scope, resolve_device, resolve_precision
-        from ..vocab import Vocab
         from .data import tensor_captions
         from .schedule import new_state, plateau
 
@@ -88,7 +88,7 @@ class Trainer:
 
         init = None
         if cfg.init_from and not self.resume:
-            from ..checkpoint import load_checkpoint
+            from ..model.checkpoint import load_checkpoint
 
             init = load_checkpoint(cfg.init_from)
             enc = init.config["encoder"]
@@ -162,8 +162,8 @@ class Trainer:
         import numpy as np
         import torch
 
-        from ..encoders import EncoderOptions, create_encoder
         from ..features import FeatureCache
+        from ..model.encoders import EncoderOptions, create_encoder
 
         cfg = self.cfg
         if cfg.fine_tune_encoder:
@@ -207,7 +207,7 @@ class Trainer:
     # ------------------------------------------------------------ state I/O
     def save(self, best: bool = False):
         """Write last/ (and best/) checkpoints and the trainer state, atomically. Rank 0 only."""
-        from ..checkpoint import save_checkpoint
+        from ..model.checkpoint import save_checkpoint
         from .state import save_state
 
         if not self.dist.main:
@@ -228,7 +228,7 @@ class Trainer:
         save_state(self.out / STATE, self.state, self.optimizer, self.scheduler, self.encoder_optimizer)
 
     def load_state(self):
-        from ..checkpoint import load_checkpoint
+        from ..model.checkpoint import load_checkpoint
         from .state import read_state, restore_rng, restored_counters
 
         path = self.out / STATE
@@ -250,8 +250,8 @@ class Trainer:
     # ------------------------------------------------------------ validation
     def validate(self) -> dict:
         """Beam-decode the validation images (rank 0) and score them with pycocoevalcap."""
-        from ..beam import DecodeSettings
-        from ..metrics import score_captions
+        from ..evaluation.metrics import score_captions
+        from ..model.beam import DecodeSettings
         from ..pipeline import best_text, decode, encode, load_batches
 
         self.decoder.eval()
@@ -286,8 +286,8 @@ class Trainer:
         from ..progress import progress_bar
         from ..runtime import StopSignal
         from .loop import xent_epoch
-        from .scst import scst_epoch
         from .schedule import end_epoch, should_stop
+        from .scst import scst_epoch
 
         cfg, dist = self.cfg, self.dist
         self.out.mkdir(parents=True, exist_ok=True)

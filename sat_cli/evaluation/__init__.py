@@ -1,0 +1,1 @@
+"""Evaluation: caption metrics (``metrics``, ``cider``), caption datasets, the pointing game, ``sat eval``."""

@@ -1,0 +1,1 @@
+"""Inputs: finding and decoding photo files (``images``, ``formats``) and file names as bytes (``paths``)."""

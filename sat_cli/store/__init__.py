@@ -1,0 +1,1 @@
+"""Storage: the SQLite schema (``migrations``), writes (``writes``), every read (``queries``), ``sat merge``."""
