@@ -1,11 +1,16 @@
 """Training benchmark on this machine. Prints its figures; asserts nothing.
 
   python bench/train_bench.py                 # both parts
-  python bench/train_bench.py --only cache    # cache | epoch
+  python bench/train_bench.py --only cache    # cache | epoch | speed
+  python bench/train_bench.py --only speed --baseline ../base   # this checkout vs another (e.g. db0e2c2)
 
 1. cache: training samples/s reading cached features vs re-running the frozen encoder
    (tf_efficientnet_lite0) on the images at every step; same data (the shared train split), same
    model (the reference recipe: 512/512/512, dropout 0.5, batch 32), same batches.
+3. speed: `sat train`'s own epoch loop (its default recipe at --image-size 384, cached features)
+   on the first --photos photos of the shared train split, this checkout against --baseline (a
+   checkout of another version, e.g. `git worktree add --detach ../base db0e2c2`), each in its own
+   process, interleaved for --rounds rounds: training samples (captions) per second and the loss.
 2. epoch: the set-up (feature cache) and one full epoch over the shared train split with cached
    features plus its validation, for the reference recipe and the default model's recipe, and the
    default model's training time as recorded in its checkpoint.
@@ -122,11 +127,100 @@ def part_epoch():
               f"validation included, as recorded in its config.json")
 
 
+class StopAfter:
+    """A stop signal that asks ``xent_epoch`` to stop after n steps."""
+
+    def __init__(self, n):
+        self.n = n
+
+    @property
+    def requested(self):
+        self.n -= 1
+        return self.n <= 0
+
+
+def speed_worker(root: str, data: str, steps: int, image_size: int):
+    """In a fresh process: import sat from ``root``, run warm-up steps, then time ``steps`` steps."""
+    import sys
+
+    import tempfile
+
+    # the packages of that checkout, not the installed (editable) ones: plugins/ imports as sat_cli_plugins
+    sys.meta_path = [f for f in sys.meta_path if "__editable__" not in (getattr(f, "__module__", "") or "")]
+    links = Path(tempfile.mkdtemp())
+    (links / "sat_cli").symlink_to(Path(root) / "sat_cli")
+    (links / "sat_cli_plugins").symlink_to(Path(root) / "plugins")
+    sys.path.insert(0, str(links))
+    import sat_cli
+    from sat_cli.training import TrainConfig
+    from sat_cli.training.loop import xent_epoch
+    from sat_cli.training.trainer import Trainer
+
+    assert Path(sat_cli.__file__).resolve().is_relative_to(root), sat_cli.__file__
+    from sat_cli.progress import NullProgress
+
+    import os
+
+    extra = {"batching": os.environ["SAT_BENCH_BATCHING"]} if os.environ.get("SAT_BENCH_BATCHING") and Path(root).resolve() == ROOT else {}
+    cfg = TrainConfig(data=data, out=str(OUT / "speed_run"), cache_dir=str(CACHE), quiet=True, meteor=False,
+                      image_size=image_size, **extra)
+    t = Trainer(cfg)
+    t.setup()
+    xent_epoch(t, 0, StopAfter(3), NullProgress(), 0)  # warm-up
+    start, cpu = time.perf_counter(), time.process_time()
+    loss, samples, _ = xent_epoch(t, 0, StopAfter(steps), NullProgress(), 0)
+    wall = time.perf_counter() - start
+    print(json.dumps({"samples_per_s": samples / wall, "cpu_s_per_sample": (time.process_time() - cpu) / samples,
+                      "loss": loss, "samples": samples}))
+
+
+def part_speed(baseline: Path, photos: int, steps: int, rounds: int, image_size: int):
+    import subprocess
+    import sys
+
+    data = json.loads(DATA.read_text())
+    train = sorted((im for im in data["images"] if im["split"] == "train"), key=lambda im: (im["filepath"], im["filename"]))
+    val = [im for im in data["images"] if im["split"] == "val"][:10]
+    subset = OUT / f"speed_{photos}.json"
+    OUT.mkdir(parents=True, exist_ok=True)
+    images = [dict(im, filepath=str(DATA.parent / im["filepath"])) for im in train[:photos] + val]
+    subset.write_text(json.dumps({"dataset": "subset", "images": images}))
+    print(f"== training speed: {photos} train photos, image size {image_size}, {steps} steps a run, "
+          f"{rounds} rounds, interleaved; {torch.get_num_threads()} threads ==")
+    figures = {"baseline": [], "this": []}
+    for r in range(rounds):
+        for label, root in (("baseline", baseline.resolve()), ("this", ROOT)):
+            out = subprocess.run([sys.executable, __file__, "--worker", str(root), str(subset), str(steps),
+                                  str(image_size), "--cache-dir", str(CACHE)], capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            fig = json.loads(out.stdout.strip().splitlines()[-1])
+            figures[label].append(fig)
+            print(f"round {r + 1} {label:8s}: {fig['samples_per_s']:6.1f} samples/s, "
+                  f"{fig['cpu_s_per_sample'] * 1e3:5.1f} CPU ms/sample, loss {fig['loss']:.3f} ({fig['samples']} samples)",
+                  flush=True)
+    best = {k: max(f["samples_per_s"] for f in v) for k, v in figures.items()}
+    cpu = {k: min(f["cpu_s_per_sample"] for f in v) for k, v in figures.items()}
+    print(f"best of {rounds}: baseline {best['baseline']:.1f}, this {best['this']:.1f} samples/s: "
+          f"{best['this'] / best['baseline']:.2f}x; CPU time per sample {cpu['baseline'] / cpu['this']:.2f}x")
+
+
 def main():
     global CACHE
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        root, data, steps, size = sys.argv[2:6]
+        if "--cache-dir" in sys.argv:
+            CACHE = Path(sys.argv[sys.argv.index("--cache-dir") + 1])
+        return speed_worker(root, data, int(steps), int(size))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["cache", "epoch"])
+    ap.add_argument("--only", choices=["cache", "epoch", "speed"])
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--baseline", type=Path, help="speed: the checkout to compare against (e.g. of db0e2c2).")
+    ap.add_argument("--photos", type=int, default=300, help="speed: train photos used (their features are cached).")
+    ap.add_argument("--rounds", type=int, default=3, help="speed: interleaved rounds.")
+    ap.add_argument("--image-size", type=int, default=384, help="speed: encoder input size (384: a 12x12 grid).")
     ap.add_argument("--cache-dir", type=Path, default=CACHE, help="Feature cache (default: bench/out/cache).")
     args = ap.parse_args()
     CACHE = args.cache_dir
@@ -134,6 +228,10 @@ def main():
 
     keep_freed_memory()  # as `sat train` does
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    if args.only == "speed":
+        if not args.baseline:
+            ap.error("--only speed needs --baseline")
+        return part_speed(args.baseline, args.photos, args.steps, args.rounds, args.image_size)
     if args.only in (None, "cache"):
         part_cache(args.steps)
     if args.only in (None, "epoch"):

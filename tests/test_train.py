@@ -515,8 +515,7 @@ def greedy_cat_share(trainer) -> float:
 
 
 def test_self_critical_training_follows_the_reward(small_set, tmp_path):
-    base = dict(lr=5e-3, early_stop=20, scst_lr=1e-2, scst_samples=5, batch_size=4,
-                batching="length")  # the reward thresholds below were set on length batches
+    base = dict(lr=5e-3, early_stop=20, scst_lr=1e-2, scst_samples=5, batch_size=4)
     xe = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "xe"), epochs=4, **base))
     xe.setup()
     xe.run()

@@ -163,7 +163,7 @@ class Decoder(nn.Module):
 
     def stepwise(self, features, captions, steps: list[int], sample=None):
         """Teacher forcing one ``advance`` at a time (hard attention; the reference for
-        :func:`sat_cli.teacher.teacher_forcing`): -> hs (B, T1, D), alphas (B, T1, P), loc_logps."""
+        :func:`sat_cli.model.teacher.teacher_forcing`): -> hs (B, T1, D), alphas (B, T1, P), loc_logps."""
         B, T1 = features.shape[0], max(steps)
         h, c, enc_proj = self.init_state(features)
         h, c = h.unsqueeze(1), c.unsqueeze(1)  # (B, 1, D)

@@ -43,9 +43,10 @@ class TrainConfig:
     dropout: float = opt(0.5, "Dropout before the output layer.", min=0.0, max=1.0)
     epochs: int = opt(20, "Epochs in all (on --resume: raise it to train longer).", min=1)
     batch_size: int = opt(32, "Captions per training step.", min=1)
-    batching: str = opt("photo", "photo: every caption of a photo in the same batch, so its features are projected "
-                                 "once (about twice as fast on a CPU); length: captions of similar length from "
-                                 "different photos (sat 0.1's batches).", choices=("photo", "length"))
+    batching: str = opt("length", "length: captions of similar length from different photos; photo: every caption of a "
+                                  "photo in the same batch, so its features are projected once a step (fewer "
+                                  "operations, a different recipe: its results are not yet compared with length's).",
+                         choices=("length", "photo"))
     lr: float = opt(4e-4, "Decoder learning rate (Adam).")
     weight_decay: float = opt(0.0, "Adam weight decay.")
     fine_tune_encoder: int | None = opt(None, "Train the encoder too from this epoch on (bypasses the feature "
@@ -114,7 +115,6 @@ class TrainConfig:
         if not saved.exists():
             raise SatError(f"{run_dir} is not a sat run folder ({CONFIG_FILE} is missing)")
         data = json.loads(saved.read_text())
-        data.setdefault("batching", "length")  # runs started before photo batches keep their batches
         cfg = cls.from_dict(data)
         cfg.out = str(run_dir)
         return cfg
