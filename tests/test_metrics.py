@@ -39,8 +39,9 @@ def test_version_and_the_encoders_table():
     assert r.returncode == 0 and r.stdout.strip() == f"sat, version {__version__}"
     r = sat("encoders")
     assert r.returncode == 0, r.stderr
-    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in r.stdout.splitlines()
-            if line.startswith("│") and line.split("│")[1].strip()}
-    # one row per encoder prefix, with the plugin module that provides it
+    import re
+
+    rows = dict(re.findall(r"^(\S+)  \(plugin (\S+)\)$", r.stdout, flags=re.M))
+    # one block per encoder prefix, headed by the plugin module that provides it
     assert rows == {"torchvision": "sat_cli_plugins.torchvision_resnet", "timm": "sat_cli_plugins.timm_models",
                     "vit": "sat_cli_plugins.vit_grid"}

@@ -40,6 +40,9 @@ def consistent(db_path) -> sqlite_utils.Database:
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
     db = sqlite_utils.Database(db_path)
+    if "results" not in db.table_names():  # killed while creating it: the first migration is all or nothing
+        assert db.table_names() == [], db.table_names()
+        return db
     orphans = db.execute("SELECT COUNT(*) FROM results WHERE id NOT IN (SELECT result_id FROM captions)").fetchone()[0]
     assert orphans == 0
     return db
@@ -189,7 +192,7 @@ def test_kill_9_at_any_moment_leaves_a_database_that_opens_and_resumes(tmp_path,
         if db.exists():
             consistent(db)
     for _ in range(3):
-        before = consistent(db)["results"].count if db.exists() else 0
+        before = consistent(db)["results"].count if db.exists() and "results" in consistent(db).table_names() else 0
         proc = subprocess.run([sys.executable, "-c", KILL_AFTER_BATCHES, "2", *args], capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == -signal.SIGKILL, proc.stderr
