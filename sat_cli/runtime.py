@@ -204,6 +204,7 @@ class Dist:
             import torch.distributed as td
 
             if td.is_initialized():
+                td.barrier()  # every rank done with its last collective before any tears the group down
                 td.destroy_process_group()
 
 
