@@ -123,13 +123,9 @@ class Checkpoint:
         return self
 
 
-def load_checkpoint(path: str | Path | None = None, encoder_weights: str | None = None) -> Checkpoint:
-    """Load a checkpoint folder (default: the model shipped with sat) on the CPU."""
-    from .backbone import load_into
-    from .decoder import Decoder, DecoderConfig
-    from .encoders import create_encoder
-    from .vocab import Vocab
-
+def read_config(path: str | Path | None = None) -> tuple[Path, Path, dict]:
+    """A checkpoint folder's (path, weights file, checked config), without torch (default: the
+    model shipped with sat)."""
     if path is None:
         if not (DEFAULT_MODEL / WEIGHTS).is_file():
             raise CheckpointError("No default model is installed with this copy of sat: pass --model PATH")
@@ -139,13 +135,25 @@ def load_checkpoint(path: str | Path | None = None, encoder_weights: str | None 
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"Cannot read {config_path}: {exc}") from exc
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{config_path} is not a sat checkpoint config (format: {config.get('format')!r})")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{config_path} is not a sat checkpoint config (format: {found!r})")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{config_path} has format version {config['format_version']}; this sat reads up to "
             f"{FORMAT_VERSION}. Upgrade sat."
         )
+    return Path(path), weights_path, config
+
+
+def load_checkpoint(path: str | Path | None = None, encoder_weights: str | None = None) -> Checkpoint:
+    """Load a checkpoint folder (default: the model shipped with sat) on the CPU."""
+    from .backbone import load_into
+    from .decoder import Decoder, DecoderConfig
+    from .encoders import create_encoder
+    from .vocab import Vocab
+
+    path, weights_path, config = read_config(path)
     state = read_safetensors(weights_path)
     enc = config["encoder"]
     in_checkpoint = enc.get("weights") == "checkpoint"

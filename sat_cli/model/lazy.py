@@ -4,10 +4,7 @@ holds one, so a rerun with nothing new to caption never imports torch or builds 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-from ..errors import CheckpointError
 
 
 class LazyCheckpoint:
@@ -15,19 +12,9 @@ class LazyCheckpoint:
 
     def __init__(self, path=None, encoder_weights: str | None = None, device: str = "auto",
                  precision: str = "auto"):
-        from .checkpoint import DEFAULT_MODEL, FORMAT, WEIGHTS, fingerprint_of, resolve_paths
+        from .checkpoint import fingerprint_of, read_config
 
-        if path is None:
-            if not (DEFAULT_MODEL / WEIGHTS).is_file():
-                raise CheckpointError("No default model is installed with this copy of sat: pass --model PATH")
-            path = DEFAULT_MODEL
-        weights_path, config_path = resolve_paths(path)
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"Cannot read {config_path}: {exc}") from exc
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise CheckpointError(f"{config_path} is not a sat checkpoint config")
+        path, weights_path, config = read_config(path)
         self._args = (path, encoder_weights, device, precision)
         self._model = None
         self.config = config
