@@ -21,6 +21,7 @@ from starlette.routing import Route
 from . import formats
 from .batching import Batcher
 from .inputs import BadRequest, FetchPolicy, Upload, check_pixels, decode_base64, fetch
+from .limits import Gate, InFlightLimit
 
 log = logging.getLogger("sat.serve")
 
@@ -34,16 +35,17 @@ class ServeOptions:
     timeout: float = 60.0  # seconds a request may wait for its captions
     read_timeout: float = 30.0  # seconds to receive a request body
     workers: int = 2  # image-decoding threads
+    max_in_flight: int | None = None  # requests served at once (None: 4 x max_queue + 64); more get 503
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
 
 class Service:
     """What the routes share: the model's description, the batcher, the decoding threads."""
 
-    def __init__(self, model, batcher: Batcher, options: ServeOptions):
+    def __init__(self, model, batcher: Batcher, options: ServeOptions, gate: Gate):
         from ..inputs.images import Sources
 
-        self.model, self.batcher, self.options = model, batcher, options
+        self.model, self.batcher, self.options, self.gate = model, batcher, options, gate
         self.sources = Sources(model.preprocess.size, model.preprocess.interpolation)
         self.pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="sat-decode")
         self.info = model_info(model)
@@ -160,9 +162,10 @@ def endpoint(fn):
 
 @endpoint
 async def healthz(request, service: Service, state):
-    b = service.batcher
+    b, gate = service.batcher, service.gate
     return JSONResponse({"status": "ok", "model": "sat:latest", "fingerprint": service.info["fingerprint"],
-                         "queued": b.pending, "batches": b.batches, "images": b.images})
+                         "queued": b.pending, "batches": b.batches, "images": b.images,
+                         "in_flight": gate.active, "refused_busy": gate.refused})
 
 
 @endpoint
@@ -317,7 +320,10 @@ def create_app(model, settings, options: ServeOptions, *, max_batch: int = 16, m
         return JSONResponse(formats.ERRORS[fmt](message, status), status)
 
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
-    app.state.service = Service(model, batcher, options)
+    gate = Gate(options.max_in_flight or 4 * max_queue + 64)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found},
+                    middleware=[Middleware(InFlightLimit, gate=gate)])
+    app.state.service = Service(model, batcher, options, gate)
     return app
