@@ -194,7 +194,8 @@ def test_batcher_takes_queued_requests_together_up_to_max_batch(tiny_model):
     cap = sat_cli.load(str(tiny_model), device="cpu")
     expected = cap([EXAMPLES / n for n in PHOTOS])
     sources = Sources(cap.model.preprocess.size, cap.model.preprocess.interpolation)
-    for max_batch, batches in ((16, 1), (2, 3)):
+    for max_batch, batches, sizes, closed in ((16, 1, {5: 1}, {"waited": 1}),
+                                              (2, 3, {2: 2, 1: 1}, {"full": 2, "waited": 1})):
         batcher = Batcher(cap.model, cap.settings(), max_batch=max_batch, max_wait_ms=0)
         jobs = [batcher.submit([sources.from_bytes(None, (EXAMPLES / n).read_bytes())], False) for n in PHOTOS]
         jobs.append(batcher.submit([sources.from_bytes(None, (EXAMPLES / PHOTOS[0]).read_bytes())], False))
@@ -203,3 +204,21 @@ def test_batcher_takes_queued_requests_together_up_to_max_batch(tiny_model):
         batcher.close()
         assert [r.text for r in got] == [r.text for r in expected] + [expected[0].text]
         assert (batcher.batches, batcher.images) == (batches, len(PHOTOS) + 1)
+        stats = batcher.stats.as_dict()  # how /healthz and bench/serve_bench.py see the batches form
+        assert stats["sizes"] == {str(k): v for k, v in sizes.items()} and stats["closed"] == closed
+        assert stats["seconds"]["model"] > 0 and stats["seconds"]["queued"] > 0
+
+
+def test_healthz_shows_requests_and_how_batches_formed(server):
+    url, _ = server
+    before = httpx.get(url + "/healthz").json()
+    photos = [("image", (n, (EXAMPLES / n).read_bytes())) for n in PHOTOS[:2]]
+    assert httpx.post(url + "/v1/caption", files=photos, timeout=60).status_code == 200
+    after = httpx.get(url + "/healthz").json()  # /healthz itself is not counted
+    assert after["requests"] == before["requests"] + 1 and after["in_flight"] == 0 and after["refused_busy"] == 0
+    b0, b1 = before["batching"], after["batching"]
+    assert b1["images_decoded"] == b0["images_decoded"] + 2
+    taken = sum(int(k) * v for k, v in b1["sizes"].items()) - sum(int(k) * v for k, v in b0["sizes"].items())
+    assert taken == 2 and sum(b1["closed"].values()) > sum(b0["closed"].values())
+    assert all(b1["seconds"][k] > b0["seconds"][k] for k in ("decode", "model"))
+    assert after["request_seconds"] > before["request_seconds"]

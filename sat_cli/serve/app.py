@@ -50,9 +50,11 @@ class Service:
         self.pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="sat-decode")
         self.info = model_info(model)
 
-    def decode(self, upload: Upload):
+    def decode(self, upload: Upload, sent: float):
+        """-> (Result, seconds it waited for a thread, seconds it took)."""
+        started = time.monotonic()
         check_pixels(upload, self.options.max_pixels)
-        return self.sources.from_bytes(None, upload.data)
+        return self.sources.from_bytes(None, upload.data), started - sent, time.monotonic() - started
 
     async def caption(self, uploads: list[Upload], attention: bool = False):
         """Decode in the worker threads, caption through the batcher; a bad image is a 4xx."""
@@ -63,7 +65,13 @@ class Service:
                              f"{self.options.max_images} (--max-images)", 413)
         loop = asyncio.get_running_loop()
         with self.batcher.arriving(len(uploads)):
-            results = await asyncio.gather(*(loop.run_in_executor(self.pool, self.decode, u) for u in uploads))
+            sent = time.monotonic()
+            timed = await asyncio.gather(*(loop.run_in_executor(self.pool, self.decode, u, sent) for u in uploads))
+            results = [r for r, _, _ in timed]
+            stats = self.batcher.stats
+            stats.images += len(timed)
+            stats.decode_wait_s += sum(w for _, w, _ in timed)
+            stats.decode_s += sum(d for _, _, d in timed)
             for u, r in zip(uploads, results):
                 if r.error:
                     raise BadRequest(f"{u.name}: {r.error}", 413 if "decompression-bomb" in r.error else 400)
@@ -165,7 +173,8 @@ async def healthz(request, service: Service, state):
     b, gate = service.batcher, service.gate
     return JSONResponse({"status": "ok", "model": "sat:latest", "fingerprint": service.info["fingerprint"],
                          "queued": b.pending, "batches": b.batches, "images": b.images,
-                         "in_flight": gate.active, "refused_busy": gate.refused})
+                         "in_flight": gate.active, "refused_busy": gate.refused, "requests": gate.served,
+                         "request_seconds": round(gate.served_s, 3), "batching": b.stats.as_dict()})
 
 
 @endpoint

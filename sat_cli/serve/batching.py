@@ -23,6 +23,31 @@ class Job:
     results: list[Result]  # decoded: pixels set, or error
     attention: bool
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    queued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Stats:
+    """Where served images spend their time and why batches stop growing; /healthz shows it as
+    ``batching`` and bench/serve_bench.py prints it (the evidence for --max-wait-ms, --workers)."""
+
+    sizes: collections.Counter = field(default_factory=collections.Counter)  # images per model call -> calls
+    # why a batch stopped growing: "full" (--max-batch), "waited" (--max-wait-ms up and no image
+    # being decoded), "grace" (images still being decoded when the grace ran out), "closing"
+    closed: collections.Counter = field(default_factory=collections.Counter)
+    decoding_at_close: int = 0  # images being decoded when batches closed, summed
+    images: int = 0  # images decoded
+    decode_wait_s: float = 0.0  # waiting for a decoding thread, summed over images
+    decode_s: float = 0.0  # decoding (a thread's own time per image, summed)
+    queued_s: float = 0.0  # from the queue to the model, summed over images
+    model_s: float = 0.0  # model calls, summed over calls
+
+    def as_dict(self) -> dict:
+        """Running totals (a bench takes the difference of two readings)."""
+        return {"sizes": {str(k): v for k, v in sorted(self.sizes.items())}, "closed": dict(self.closed),
+                "decoding_at_close": self.decoding_at_close, "images_decoded": self.images,
+                "seconds": {"decode_wait": round(self.decode_wait_s, 3), "decode": round(self.decode_s, 3),
+                            "queued": round(self.queued_s, 3), "model": round(self.model_s, 3)}}
 
 
 class Batcher:
@@ -38,6 +63,7 @@ class Batcher:
         self.incoming = 0  # images of requests being decoded
         self.grace = max(4 * self.max_wait, 0.02)  # longest extra wait for them
         self.batches = self.images = 0  # counters for /healthz
+        self.stats = Stats()
         self.closed = False
         self.cond = threading.Condition()
         self.ready = concurrent.futures.Future()  # the store is open (or failed to open)
@@ -108,7 +134,21 @@ class Batcher:
                 job = self.queue.popleft()
                 jobs.append(job)
                 size += len(job.results)
+            self._closed(jobs, size)
             return jobs
+
+    def _closed(self, jobs: list[Job], size: int) -> None:
+        stats, now = self.stats, time.monotonic()
+        if self.closed:
+            why = "closing"
+        elif size >= self.max_batch or self.queue:
+            why = "full"
+        else:
+            why = "grace" if self.incoming else "waited"
+        stats.closed[why] += 1
+        stats.decoding_at_close += self.incoming
+        stats.sizes[size] += 1
+        stats.queued_s += sum((now - j.queued) * len(j.results) for j in jobs)
 
     def _run(self) -> None:
         try:
@@ -122,7 +162,9 @@ class Batcher:
                 live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
                 try:
                     if live:
+                        started = time.monotonic()
                         self._caption(live)
+                        self.stats.model_s += time.monotonic() - started
                 except Exception as exc:  # the model failed: these requests get a 500, the server goes on
                     for j in live:
                         j.future.set_exception(exc)

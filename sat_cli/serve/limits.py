@@ -8,6 +8,7 @@ keep-alive connections count there)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
@@ -25,6 +26,8 @@ class Gate:
     active: int = 0  # requests in flight now
     peak: int = 0  # most in flight at once
     refused: int = 0  # answered 503 because ``active`` was at ``limit``
+    served: int = 0  # requests let in and finished
+    served_s: float = 0.0  # their time in the app (first byte of headers to last of the answer), summed
 
 
 def connection_backstop(max_in_flight: int) -> int:
@@ -51,7 +54,10 @@ class InFlightLimit:
             return await JSONResponse(body, 503, headers={"Retry-After": str(self.retry_after)})(scope, receive, send)
         gate.active += 1
         gate.peak = max(gate.peak, gate.active)
+        started = time.monotonic()
         try:
             await self.app(scope, receive, send)
         finally:
             gate.active -= 1
+            gate.served += 1
+            gate.served_s += time.monotonic() - started
