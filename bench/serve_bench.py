@@ -1,19 +1,27 @@
 """Benchmark of `sat serve` on this machine. Prints its figures (with `uptime`, since the machine
 may be shared); asserts nothing.
 
-  python bench/serve_bench.py                         # 1, 4, 16 clients, then a 2-minute soak
-  python bench/serve_bench.py --images 200 --soak 600 # the issue's 10-minute soak
-  python bench/serve_bench.py --model runs/x/best --soak 0 --json
+  python bench/serve_bench.py --images 120 --soak 600 --json   # every figure of issue 18 (quiet machine)
+  python bench/serve_bench.py --images 8 --soak 10              # smoke test
+  python bench/serve_bench.py --images 96 --clients 16 --no-sat-caption --soak 0 --server-arg=--max-wait-ms=50
 
 1. `sat caption` on the same real photos (../shared/data), steady state: a run of --images photos
-   minus a run of a fifth of them (start-up cancels out), both real `sat caption` processes.
-2. `sat serve` (a real server process, default options): 1, 4 and 16 concurrent clients posting
-   one photo per request to /v1/caption; images/s, p50 and p99 latency per photo.
-3. Soak: --soak seconds of --soak-clients clients sending mixed requests (PhotoPrism, Ollama and
+   minus a run of a fifth of them (start-up cancels out), both real `sat caption` processes
+   (--no-sat-caption skips it).
+2. `sat serve` (a real server process, default options plus --server-arg): after a warm-up, one
+   client on the idle server, one photo at a time (up to 40 photos): p50 and p90 ms per photo
+   (target < 150 ms).
+3. --clients (1, 4, 16) concurrent clients, each a process of its own (--client-threads: threads of
+   this process), posting one photo per request to /v1/caption: images/s, p50/p90/p99 latency per
+   photo; from /healthz: batch sizes, why batches closed, ms per image waiting for a decoding
+   thread, decoding, queued; ms per model call; time in the server vs at the client; CPU ms per
+   image of the server and of the clients.
+4. Soak: --soak seconds of --soak-clients clients sending mixed requests (PhotoPrism, Ollama and
    sat formats; about 1 in 5 bad: not an image, truncated JPEG, zero bytes, bad base64, a
    decompression bomb, a body over --max-body, a client that disconnects mid-upload). Counts any
    good request that did not get 200 and any bad one that did not get a 4xx; the server's RSS
-   sampled every 5 s.
+   sampled every 5 s (first, after 1 min, last, max).
+5. The server's exit status after SIGTERM.
 """
 
 from __future__ import annotations

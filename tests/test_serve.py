@@ -222,3 +222,41 @@ def test_healthz_shows_requests_and_how_batches_formed(server):
     assert taken == 2 and sum(b1["closed"].values()) > sum(b0["closed"].values())
     assert all(b1["seconds"][k] > b0["seconds"][k] for k in ("decode", "model"))
     assert after["request_seconds"] > before["request_seconds"]
+
+
+def test_images_queued_behind_a_busy_model_wait_for_the_callers_just_answered(tiny_model, monkeypatch):
+    """Closed-loop clients: B queued while A's batch ran; A's caller sends again (C) just after
+    its answer. B waits a tenth of its queue time for C, so they share one batch, instead of the
+    two taking turns in half-batches for ever (what 16 bench clients did: batches of 15 and 1)."""
+    import time
+
+    import sat_cli
+    import sat_cli.pipeline as pipeline
+    from sat_cli.inputs.images import Sources
+    from sat_cli.serve.batching import Batcher
+
+    real, calls = pipeline.caption_rows, []
+
+    def slow_first(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 1:
+            time.sleep(3.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "caption_rows", slow_first)
+    cap = sat_cli.load(str(tiny_model), device="cpu")
+    sources = Sources(cap.model.preprocess.size, cap.model.preprocess.interpolation)
+    photo = [sources.from_bytes(None, (EXAMPLES / n).read_bytes()) for n in PHOTOS[:3]]
+    batcher = Batcher(cap.model, cap.settings(), max_batch=16, max_wait_ms=5)
+    batcher.start()
+    try:
+        a = batcher.submit([photo[0]], False)
+        time.sleep(0.5)  # A is in the model
+        b = batcher.submit([photo[1]], False)
+        a.result(60)
+        time.sleep(0.03)  # A's caller sends its next photo
+        c = batcher.submit([photo[2]], False)
+        b.result(60), c.result(60)
+    finally:
+        batcher.close()
+    assert calls == [1, 2] and batcher.stats.sizes == {1: 1, 2: 1}

@@ -2,7 +2,9 @@
 thread takes whatever arrived within ``max_wait_ms`` of the first, up to ``max_batch`` images,
 and runs them through the one inference pipeline (``pipeline.caption_rows``, what `sat caption`
 runs). JPEG decoding happens before, in the request's worker thread, so the model never waits on
-it. A full queue answers 503 with Retry-After; a request whose caller gave up is dropped."""
+it. An image that queued behind a busy model may wait a tenth of that time more (CATCH_UP) for
+others, so clients that send again as soon as they are answered share batches. A full queue
+answers 503 with Retry-After; a request whose caller gave up is dropped."""
 
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ from dataclasses import dataclass, field
 
 from ..records import Result
 from .inputs import BadRequest
+
+
+CATCH_UP = 0.1  # share of its queue time a waiting image may wait more to fill its batch
+LONGEST_CATCH_UP = 0.5  # seconds
 
 
 @dataclass
@@ -123,7 +129,11 @@ class Batcher:
                 self.cond.wait()
             if not self.queue:
                 return None
-            deadline = time.monotonic() + self.max_wait
+            now = time.monotonic()
+            # Images that queued behind a busy model may wait a tenth of that time more for others:
+            # the callers just answered (who often send again at once) join them, instead of
+            # closed-loop clients splitting into two half-batches that take turns for ever.
+            deadline = now + max(self.max_wait, min(LONGEST_CATCH_UP, CATCH_UP * (now - self.queue[0].queued)))
             while sum(len(j.results) for j in self.queue) < self.max_batch and not self.closed:
                 now = time.monotonic()
                 if now >= deadline + self.grace or (now >= deadline and not self.incoming):
