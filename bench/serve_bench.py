@@ -1,19 +1,27 @@
 """Benchmark of `sat serve` on this machine. Prints its figures (with `uptime`, since the machine
 may be shared); asserts nothing.
 
-  python bench/serve_bench.py                         # 1, 4, 16 clients, then a 2-minute soak
-  python bench/serve_bench.py --images 200 --soak 600 # the issue's 10-minute soak
-  python bench/serve_bench.py --model runs/x/best --soak 0 --json
+  python bench/serve_bench.py --images 120 --soak 600 --json   # every figure of issue 18 (quiet machine)
+  python bench/serve_bench.py --images 8 --soak 10              # smoke test
+  python bench/serve_bench.py --images 96 --clients 16 --no-sat-caption --soak 0 --server-arg=--max-wait-ms=50
 
 1. `sat caption` on the same real photos (../shared/data), steady state: a run of --images photos
-   minus a run of a fifth of them (start-up cancels out), both real `sat caption` processes.
-2. `sat serve` (a real server process, default options): 1, 4 and 16 concurrent clients posting
-   one photo per request to /v1/caption; images/s, p50 and p99 latency per photo.
-3. Soak: --soak seconds of --soak-clients clients sending mixed requests (PhotoPrism, Ollama and
+   minus a run of a fifth of them (start-up cancels out), both real `sat caption` processes
+   (--no-sat-caption skips it).
+2. `sat serve` (a real server process, default options plus --server-arg): after a warm-up, one
+   client on the idle server, one photo at a time (up to 40 photos): p50 and p90 ms per photo
+   (target < 150 ms).
+3. --clients (1, 4, 16) concurrent clients, each a process of its own (--client-threads: threads of
+   this process), posting one photo per request to /v1/caption: images/s, p50/p90/p99 latency per
+   photo; from /healthz: batch sizes, why batches closed, ms per image waiting for a decoding
+   thread, decoding, queued; ms per model call; time in the server vs at the client; CPU ms per
+   image of the server and of the clients.
+4. Soak: --soak seconds of --soak-clients clients sending mixed requests (PhotoPrism, Ollama and
    sat formats; about 1 in 5 bad: not an image, truncated JPEG, zero bytes, bad base64, a
    decompression bomb, a body over --max-body, a client that disconnects mid-upload). Counts any
    good request that did not get 200 and any bad one that did not get a 4xx; the server's RSS
-   sampled every 5 s.
+   sampled every 5 s (first, after 1 min, last, max).
+5. The server's exit status after SIGTERM.
 """
 
 from __future__ import annotations
@@ -57,9 +65,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sat_caption_rate(paths: list[Path], model: str | None) -> tuple[float, float]:
+def sat_caption_rate(paths: list[Path], model: str | None) -> tuple[float | None, float]:
     """`sat caption` on ``paths``: (steady-state images/s: (N - N/5) photos over the difference of
-    the two runs' wall times, the rate the N-photo run reports itself, start-up excluded)."""
+    the two runs' wall times, or None when that is not positive; the rate the N-photo run reports
+    itself, start-up excluded)."""
     import re
 
     def run(subset) -> tuple[float, float]:
@@ -73,7 +82,9 @@ def sat_caption_rate(paths: list[Path], model: str | None) -> tuple[float, float
 
     small = paths[: max(1, len(paths) // 5)]
     (big_s, big_rate), (small_s, _) = run(paths), run(small)
-    return (len(paths) - len(small)) / max(1e-9, big_s - small_s), big_rate
+    if big_s <= small_s:  # too few photos for the start-up to cancel out (a smoke test): no figure
+        return None, big_rate
+    return (len(paths) - len(small)) / (big_s - small_s), big_rate
 
 
 def start_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
@@ -91,33 +102,83 @@ def start_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen,
     raise SystemExit("the server did not start")
 
 
-def clients(url: str, paths: list[Path], n_clients: int) -> dict:
-    """Each client posts its share of ``paths`` one at a time; images/s and per-photo latency."""
+def _post_each(url: str, blobs: list[bytes], indices: range) -> tuple[list[float], float]:
+    """One client: posts its photos one at a time; (latencies in s, its CPU seconds)."""
+    latencies, cpu = [], time.process_time()
+    with httpx.Client(timeout=120) as http:
+        for i in indices:
+            t = time.perf_counter()
+            r = http.post(url + "/v1/caption", files=[("image", (f"{i}.jpg", blobs[i]))])
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t)
+    return latencies, time.process_time() - cpu
+
+
+def _client_process(url, blobs, indices, go, out) -> None:
+    go.wait()
+    out.put(_post_each(url, blobs, indices))
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def clients(url: str, pid: int, paths: list[Path], n_clients: int, processes: bool = False) -> dict:
+    """Each client posts its share of ``paths`` one at a time (threads of this process, or with
+    ``processes`` one process each, so no client waits on another's GIL); images/s, per-photo
+    latency, and from /healthz how the server batched them and where the images waited."""
+    import multiprocessing
+
     blobs = [p.read_bytes() for p in paths]
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def client(k: int):
-        with httpx.Client(timeout=120) as http:
-            for i in range(k, len(blobs), n_clients):
-                t = time.perf_counter()
-                r = http.post(url + "/v1/caption", files=[("image", (f"{i}.jpg", blobs[i]))])
-                r.raise_for_status()
-                with lock:
-                    latencies.append(time.perf_counter() - t)
-
-    before = httpx.get(url + "/healthz").json()
+    shares = [range(k, len(blobs), n_clients) for k in range(n_clients)]
+    before, server_cpu = httpx.get(url + "/healthz").json(), cpu_seconds(pid)
     started = time.perf_counter()
-    with ThreadPoolExecutor(n_clients) as pool:
-        list(pool.map(client, range(n_clients)))
+    if processes:
+        ctx = multiprocessing.get_context("fork")
+        go, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_client_process, args=(url, blobs, share, go, out)) for share in shares]
+        for p in procs:
+            p.start()
+        started = time.perf_counter()
+        go.set()
+        done = [out.get() for _ in procs]
+        for p in procs:
+            p.join()
+    else:
+        with ThreadPoolExecutor(n_clients) as pool:
+            cpu = time.process_time()
+            done = [(lat, 0.0) for lat, _ in pool.map(lambda share: _post_each(url, blobs, share), shares)]
+            done.append(([], time.process_time() - cpu))  # the threads' CPU is the whole process's
     seconds = time.perf_counter() - started
-    after = httpx.get(url + "/healthz").json()
-    latencies.sort()
-    batches = after["batches"] - before["batches"]
-    return {"clients": n_clients, "images": len(blobs), "images_per_s": round(len(blobs) / seconds, 2),
-            "images_per_batch": round((after["images"] - before["images"]) / max(1, batches), 2),
+    after, server_cpu = httpx.get(url + "/healthz").json(), cpu_seconds(pid) - server_cpu
+    latencies = sorted(x for lat, _ in done for x in lat)
+    n = len(latencies)
+    b0, b1 = before["batching"], after["batching"]
+    sizes = {k: v - b0["sizes"].get(k, 0) for k, v in b1["sizes"].items() if v - b0["sizes"].get(k, 0)}
+    taken = sum(int(k) * v for k, v in sizes.items())
+    waits = {k: round(1000 * (v - b0["seconds"][k]) / max(1, taken), 1) for k, v in b1["seconds"].items()}
+    waits["model"] = round(1000 * (b1["seconds"]["model"] - b0["seconds"]["model"]) / max(1, sum(sizes.values())), 1)
+    requests = after["requests"] - before["requests"]  # /healthz is not counted
+    return {"clients": n_clients, "client_processes": processes, "images": n,
+            "images_per_s": round(n / seconds, 2),
+            "images_per_batch": round(taken / max(1, sum(sizes.values())), 2),
+            "batch_sizes": dict(sorted(sizes.items(), key=lambda kv: int(kv[0]))),
+            "batch_closed": {k: v - b0["closed"].get(k, 0) for k, v in b1["closed"].items()
+                             if v - b0["closed"].get(k, 0)},
+            "decoding_at_close_per_batch": round((b1["decoding_at_close"] - b0["decoding_at_close"])
+                                                 / max(1, sum(sizes.values())), 2),
+            "ms_per_image_decode_wait": waits["decode_wait"], "ms_per_image_decode": waits["decode"],
+            "ms_per_image_queued": waits["queued"], "ms_per_model_call": waits["model"],
+            "ms_in_server_per_request": round(1000 * (after["request_seconds"] - before["request_seconds"])
+                                              / max(1, requests), 1),
+            "ms_at_client_per_request": round(1000 * sum(latencies) / max(1, n), 1),
+            "server_cpu_ms_per_image": round(1000 * server_cpu / max(1, n), 1),
+            "client_cpu_ms_per_image": round(1000 * sum(c for _, c in done) / max(1, n), 1),
             "p50_ms": round(1000 * statistics.median(latencies), 1),
-            "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
+            "p90_ms": round(1000 * latencies[min(n - 1, int(0.9 * n))], 1),
+            "p99_ms": round(1000 * latencies[min(n - 1, int(0.99 * n))], 1),
             "uptime": uptime()}
 
 
@@ -204,45 +265,66 @@ def soak(url: str, pid: int, paths: list[Path], seconds: float, n_clients: int, 
             "uptime": uptime()}
 
 
+def row_line(row: dict) -> str:
+    kind = "processes" if row["client_processes"] else "threads"
+    return (f"{row['clients']:>2} clients ({kind}): {row['images_per_s']} images/s, p50 {row['p50_ms']} ms, "
+            f"p90 {row['p90_ms']} ms, p99 {row['p99_ms']} ms; {row['images_per_batch']} images per batch "
+            f"{row['batch_sizes']} closed {row['batch_closed']}; per image: decode wait "
+            f"{row['ms_per_image_decode_wait']} ms, decode {row['ms_per_image_decode']} ms, queued "
+            f"{row['ms_per_image_queued']} ms; {row['ms_per_model_call']} ms per model call; "
+            f"{row['ms_in_server_per_request']} ms in the server vs {row['ms_at_client_per_request']} ms at the client "
+            f"per request; CPU per image: server {row['server_cpu_ms_per_image']} ms, "
+            f"clients {row['client_cpu_ms_per_image']} ms  [{row['uptime']}]")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint folder (default: the shipped model)")
     parser.add_argument("--images", type=int, default=120, help="real photos per measurement")
+    parser.add_argument("--clients", default="1,4,16", help="concurrent clients of each row (comma-separated)")
+    parser.add_argument("--client-threads", action="store_true",
+                        help="clients as threads of this process (default: one process each)")
+    parser.add_argument("--no-sat-caption", action="store_true", help="skip the `sat caption` comparison")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="extra `sat serve` option, repeatable: --server-arg=--workers=4")
     parser.add_argument("--soak", type=float, default=120, help="soak seconds (0: none)")
     parser.add_argument("--soak-clients", type=int, default=8)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     paths = photos(args.images)
-    out = {"machine": {"cpus": os.cpu_count(), "uptime_at_start": uptime()}}
-    steady, reported = sat_caption_rate(paths, args.model)
-    out["sat_caption_images_per_s"], out["sat_caption_reported_images_per_s"] = round(steady, 2), reported
-    out["sat_caption_uptime"] = uptime()
-    print(f"sat caption: steady state {steady:.2f} images/s ({len(paths)} minus {len(paths) // 5} photos), "
-          f"{reported} images/s as the {len(paths)}-photo run reports it  [{out['sat_caption_uptime']}]",
-          file=sys.stderr)
+    out = {"machine": {"cpus": os.cpu_count(), "uptime_at_start": uptime()}, "server_args": args.server_arg}
+    if not args.no_sat_caption:
+        steady, reported = sat_caption_rate(paths, args.model)
+        out["sat_caption_images_per_s"] = round(steady, 2) if steady else None
+        out["sat_caption_reported_images_per_s"] = reported if reported == reported else None  # NaN: not printed
+        out["sat_caption_uptime"] = uptime()
+        print(f"sat caption: steady state {out['sat_caption_images_per_s']} images/s ({len(paths)} minus "
+              f"{len(paths) // 5} photos), "
+              f"{reported} images/s as the {len(paths)}-photo run reports it  [{out['sat_caption_uptime']}]",
+              file=sys.stderr)
     max_body = 4 << 20
-    proc, url = start_server(args.model, ["--max-body", str(max_body)])
+    proc, url = start_server(args.model, ["--max-body", str(max_body), *args.server_arg])
     try:
-        clients(url, paths[:8], 1)  # warm-up
-        idle = clients(url, paths[:20], 1)
-        out["idle_one_client"] = idle
-        print(f"idle server, 1 client: p50 {idle['p50_ms']} ms per photo  [{idle['uptime']}]", file=sys.stderr)
+        clients(url, proc.pid, paths[:8], 1)  # warm-up
+        idle = out["idle_one_client"] = clients(url, proc.pid, paths[:40], 1)
+        print(f"idle server, 1 client, {idle['images']} photos one at a time: p50 {idle['p50_ms']} ms, "
+              f"p90 {idle['p90_ms']} ms per photo (target < 150 ms); server CPU {idle['server_cpu_ms_per_image']} ms "
+              f"per photo  [{idle['uptime']}]", file=sys.stderr)
         out["clients"] = []
-        for n in (1, 4, 16):
-            row = clients(url, paths, n)
-            row["vs_sat_caption"] = round(row["images_per_s"] / out["sat_caption_images_per_s"], 2)
+        for n in map(int, args.clients.split(",")):
+            row = clients(url, proc.pid, paths, n, processes=not args.client_threads)
+            if out.get("sat_caption_images_per_s"):
+                row["vs_sat_caption"] = round(row["images_per_s"] / out["sat_caption_images_per_s"], 2)
             out["clients"].append(row)
-            print(f"{n:>2} clients: {row['images_per_s']} images/s ({row['vs_sat_caption']}x sat caption), "
-                  f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, {row['images_per_batch']} images per batch  "
-                  f"[{row['uptime']}]", file=sys.stderr)
+            print(row_line(row) + (f"; {row['vs_sat_caption']}x sat caption" if "vs_sat_caption" in row else ""),
+                  file=sys.stderr)
         if args.soak:
             s = out["soak"] = soak(url, proc.pid, paths, args.soak, args.soak_clients, max_body)
             print(f"soak {s['seconds']:g} s, {s['clients']} clients: {s['good']} good requests "
                   f"({s['good_failed']} failed), {s['bad']} bad ({s['bad_not_4xx']} not answered 4xx), "
                   f"{s['disconnects']} disconnects; RSS {s['rss_mb_first']} -> {s['rss_mb_last']} MB "
                   f"(after 1 min {s['rss_mb_after_1min']}, max {s['rss_mb_max']})  [{s['uptime']}]", file=sys.stderr)
-            alive = httpx.get(url + "/healthz").status_code == 200
-            out["alive_after_soak"] = alive
+            out["alive_after_soak"] = httpx.get(url + "/healthz").status_code == 200
     finally:
         proc.terminate()
         out["exit_status"] = proc.wait(120)

@@ -194,7 +194,8 @@ def test_batcher_takes_queued_requests_together_up_to_max_batch(tiny_model):
     cap = sat_cli.load(str(tiny_model), device="cpu")
     expected = cap([EXAMPLES / n for n in PHOTOS])
     sources = Sources(cap.model.preprocess.size, cap.model.preprocess.interpolation)
-    for max_batch, batches in ((16, 1), (2, 3)):
+    for max_batch, batches, sizes, closed in ((16, 1, {5: 1}, {"waited": 1}),
+                                              (2, 3, {2: 2, 1: 1}, {"full": 2, "waited": 1})):
         batcher = Batcher(cap.model, cap.settings(), max_batch=max_batch, max_wait_ms=0)
         jobs = [batcher.submit([sources.from_bytes(None, (EXAMPLES / n).read_bytes())], False) for n in PHOTOS]
         jobs.append(batcher.submit([sources.from_bytes(None, (EXAMPLES / PHOTOS[0]).read_bytes())], False))
@@ -203,3 +204,59 @@ def test_batcher_takes_queued_requests_together_up_to_max_batch(tiny_model):
         batcher.close()
         assert [r.text for r in got] == [r.text for r in expected] + [expected[0].text]
         assert (batcher.batches, batcher.images) == (batches, len(PHOTOS) + 1)
+        stats = batcher.stats.as_dict()  # how /healthz and bench/serve_bench.py see the batches form
+        assert stats["sizes"] == {str(k): v for k, v in sizes.items()} and stats["closed"] == closed
+        assert stats["seconds"]["model"] > 0 and stats["seconds"]["queued"] > 0
+
+
+def test_healthz_shows_requests_and_how_batches_formed(server):
+    url, _ = server
+    before = httpx.get(url + "/healthz").json()
+    photos = [("image", (n, (EXAMPLES / n).read_bytes())) for n in PHOTOS[:2]]
+    assert httpx.post(url + "/v1/caption", files=photos, timeout=60).status_code == 200
+    after = httpx.get(url + "/healthz").json()  # /healthz itself is not counted
+    assert after["requests"] == before["requests"] + 1 and after["in_flight"] == 0 and after["refused_busy"] == 0
+    b0, b1 = before["batching"], after["batching"]
+    assert b1["images_decoded"] == b0["images_decoded"] + 2
+    taken = sum(int(k) * v for k, v in b1["sizes"].items()) - sum(int(k) * v for k, v in b0["sizes"].items())
+    assert taken == 2 and sum(b1["closed"].values()) > sum(b0["closed"].values())
+    assert all(b1["seconds"][k] > b0["seconds"][k] for k in ("decode", "model"))
+    assert after["request_seconds"] > before["request_seconds"]
+
+
+def test_images_queued_behind_a_busy_model_wait_for_the_callers_just_answered(tiny_model, monkeypatch):
+    """Closed-loop clients: B queued while A's batch ran; A's caller sends again (C) just after
+    its answer. B waits a tenth of its queue time for C, so they share one batch, instead of the
+    two taking turns in half-batches for ever (what 16 bench clients did: batches of 15 and 1)."""
+    import time
+
+    import sat_cli
+    import sat_cli.pipeline as pipeline
+    from sat_cli.inputs.images import Sources
+    from sat_cli.serve.batching import Batcher
+
+    real, calls = pipeline.caption_rows, []
+
+    def slow_first(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 1:
+            time.sleep(3.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "caption_rows", slow_first)
+    cap = sat_cli.load(str(tiny_model), device="cpu")
+    sources = Sources(cap.model.preprocess.size, cap.model.preprocess.interpolation)
+    photo = [sources.from_bytes(None, (EXAMPLES / n).read_bytes()) for n in PHOTOS[:3]]
+    batcher = Batcher(cap.model, cap.settings(), max_batch=16, max_wait_ms=5)
+    batcher.start()
+    try:
+        a = batcher.submit([photo[0]], False)
+        time.sleep(0.5)  # A is in the model
+        b = batcher.submit([photo[1]], False)
+        a.result(60)
+        time.sleep(0.03)  # A's caller sends its next photo
+        c = batcher.submit([photo[2]], False)
+        b.result(60), c.result(60)
+    finally:
+        batcher.close()
+    assert calls == [1, 2] and batcher.stats.sizes == {1: 1, 2: 1}

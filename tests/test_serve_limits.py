@@ -170,6 +170,66 @@ def test_queue_full_answers_503_with_retry_after(tiny_model, monkeypatch):
         assert httpx.post(url + "/v1/caption", json={"images": [b64(GOOD)]}, timeout=30).status_code == 200
 
 
+def test_requests_past_max_in_flight_get_503_in_the_callers_format(tiny_model, monkeypatch):
+    """sat's own limit on requests in flight (not uvicorn's plain-text 503): past it every format
+    gets its own error shape with Retry-After, /healthz still answers, and the server goes on."""
+    slow_model(monkeypatch, seconds=1.5)
+    make, _ = tiny_app(tiny_model, max_in_flight=2, max_wait_ms=0)
+    with running(make) as url:
+        busy = [threading.Thread(target=httpx.post, args=(url + "/v1/caption",),
+                                 kwargs={"json": {"images": [b64(GOOD)]}, "timeout": 30}) for _ in range(2)]
+        for t in busy:
+            t.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/healthz").json()["in_flight"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.post(url + "/api/v1/vision/caption", json=photoprism_request([data_url(GOOD)]))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["code"] == 503 and "busy" in r.json()["error"] and r.json()["result"] == {}
+        r = httpx.post(url + "/api/generate", json={"model": "sat", "images": [b64(GOOD)], "stream": False})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert set(r.json()) == {"error"} and "--max-in-flight 2" in r.json()["error"]
+        r = httpx.post(url + "/v1/caption", files=[("image", ("x.png", GOOD))])
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["status"] == 503
+        assert httpx.get(url + "/api/tags").status_code == 503
+        health = httpx.get(url + "/healthz")
+        assert health.status_code == 200 and health.json()["refused_busy"] == 4
+        for t in busy:
+            t.join()
+        assert httpx.get(url + "/healthz").json()["in_flight"] == 0
+        r = httpx.post(url + "/api/v1/vision/caption", json=photoprism_request([data_url(GOOD)]), timeout=30)
+        assert r.status_code == 200 and r.json()["result"]["caption"]["text"]
+        assert httpx.post(url + "/api/generate", json={"model": "sat", "images": [b64(GOOD)], "stream": False},
+                          timeout=30).json()["response"]
+        caption_ok(url)
+
+
+def test_max_in_flight_option_and_uvicorns_connection_backstop(tiny_model, monkeypatch):
+    """`sat serve --max-in-flight N` sets sat's limit; uvicorn's limit_concurrency (open
+    connections, plain text past it) is only a backstop well above it."""
+    import uvicorn
+    from click.testing import CliRunner
+
+    from sat_cli.cli import cli
+
+    seen = {}
+
+    def run(self, sockets=None):
+        seen["config"] = self.config
+        self.started = True
+        for s in sockets:
+            s.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    for extra, limit in ((["--max-in-flight", "3"], 3), (["--max-queue", "10"], 104)):
+        res = CliRunner().invoke(cli, ["serve", "--model", str(tiny_model), "--device", "cpu", "--port", "0", *extra])
+        assert res.exit_code == 0, res.output
+        config = seen["config"]
+        assert config.app.state.service.gate.limit == limit
+        assert config.limit_concurrency >= 2 * limit + 64
+
+
 def test_model_failure_is_500_and_the_server_goes_on(tiny_model, monkeypatch):
     make, _ = tiny_app(tiny_model)
     with running(make) as url:

@@ -55,6 +55,9 @@ def is_loopback(host: str) -> bool:
               help="How long the first queued image waits for others to join its batch.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1),
               help="Images waiting for the model; more get 503 with Retry-After.")
+@click.option("--max-in-flight", type=click.IntRange(1), metavar="N",
+              help="Requests served at once (reading, decoding, queued, answering); more get 503 with Retry-After "
+                   "in the caller's format.  [default: 4 x --max-queue + 64]")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1),
               help="Image-decoding threads (the model never waits on JPEG decoding).")
 @click.option("--max-body", default="32MB", show_default=True, type=Size(), help="Largest request body.")
@@ -74,8 +77,8 @@ def is_loopback(host: str) -> bool:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(host, port, model_path, encoder_weights, token, no_auth, db_path, max_batch, max_wait_ms, max_queue,
-          workers, max_body, max_images, max_pixels, timeout, read_timeout, fetch_from, fetch_max, device,
-          precision, log_level, **decode):
+          max_in_flight, workers, max_body, max_images, max_pixels, timeout, read_timeout, fetch_from, fetch_max,
+          device, precision, log_level, **decode):
     """Serve captions over HTTP: PhotoPrism's Vision API, the Ollama API and sat's own.
 
     \b
@@ -102,6 +105,7 @@ def serve(host, port, model_path, encoder_weights, token, no_auth, db_path, max_
     from ..runtime import keep_freed_memory
     from ..serve import ServeOptions, create_app
     from ..serve.inputs import FetchPolicy
+    from ..serve.limits import connection_backstop
 
     if not is_loopback(host) and not token and not no_auth:
         raise click.UsageError(f"--host {host} is reachable from other machines: give --token (or SAT_SERVE_TOKEN), "
@@ -115,13 +119,14 @@ def serve(host, port, model_path, encoder_weights, token, no_auth, db_path, max_
     cap = load(model_path, device=device, precision=precision, encoder_weights=encoder_weights)
     settings = settings_for(cap.model.decode_defaults(), decode)
     hosts = frozenset(h.lower() for h in fetch_from)
+    max_in_flight = max_in_flight or 4 * max_queue + 64
     options = ServeOptions(token=token, max_body=max_body, max_images=max_images, max_pixels=max_pixels,
-                           timeout=timeout, read_timeout=read_timeout, workers=workers,
+                           timeout=timeout, read_timeout=read_timeout, workers=workers, max_in_flight=max_in_flight,
                            fetch=FetchPolicy(hosts=hosts, max_bytes=fetch_max))
     app = create_app(cap.model, settings, options, max_batch=max_batch, max_wait_ms=max_wait_ms,
                      max_queue=max_queue, db=db_path)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=timeout,
-                            limit_concurrency=4 * max_queue + 64, server_header=False)
+                            limit_concurrency=connection_backstop(max_in_flight), server_header=False)
     # uvicorn re-raises the stop signal once it has shut down gracefully; a no-op handler makes
     # that a plain return, so Ctrl-C and SIGTERM end with exit status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

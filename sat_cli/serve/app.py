@@ -21,6 +21,7 @@ from starlette.routing import Route
 from . import formats
 from .batching import Batcher
 from .inputs import BadRequest, FetchPolicy, Upload, check_pixels, decode_base64, fetch
+from .limits import Gate, InFlightLimit
 
 log = logging.getLogger("sat.serve")
 
@@ -34,23 +35,26 @@ class ServeOptions:
     timeout: float = 60.0  # seconds a request may wait for its captions
     read_timeout: float = 30.0  # seconds to receive a request body
     workers: int = 2  # image-decoding threads
+    max_in_flight: int | None = None  # requests served at once (None: 4 x max_queue + 64); more get 503
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
 
 class Service:
     """What the routes share: the model's description, the batcher, the decoding threads."""
 
-    def __init__(self, model, batcher: Batcher, options: ServeOptions):
+    def __init__(self, model, batcher: Batcher, options: ServeOptions, gate: Gate):
         from ..inputs.images import Sources
 
-        self.model, self.batcher, self.options = model, batcher, options
+        self.model, self.batcher, self.options, self.gate = model, batcher, options, gate
         self.sources = Sources(model.preprocess.size, model.preprocess.interpolation)
         self.pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="sat-decode")
         self.info = model_info(model)
 
-    def decode(self, upload: Upload):
+    def decode(self, upload: Upload, sent: float):
+        """-> (Result, seconds it waited for a thread, seconds it took)."""
+        started = time.monotonic()
         check_pixels(upload, self.options.max_pixels)
-        return self.sources.from_bytes(None, upload.data)
+        return self.sources.from_bytes(None, upload.data), started - sent, time.monotonic() - started
 
     async def caption(self, uploads: list[Upload], attention: bool = False):
         """Decode in the worker threads, caption through the batcher; a bad image is a 4xx."""
@@ -61,7 +65,13 @@ class Service:
                              f"{self.options.max_images} (--max-images)", 413)
         loop = asyncio.get_running_loop()
         with self.batcher.arriving(len(uploads)):
-            results = await asyncio.gather(*(loop.run_in_executor(self.pool, self.decode, u) for u in uploads))
+            sent = time.monotonic()
+            timed = await asyncio.gather(*(loop.run_in_executor(self.pool, self.decode, u, sent) for u in uploads))
+            results = [r for r, _, _ in timed]
+            stats = self.batcher.stats
+            stats.images += len(timed)
+            stats.decode_wait_s += sum(w for _, w, _ in timed)
+            stats.decode_s += sum(d for _, _, d in timed)
             for u, r in zip(uploads, results):
                 if r.error:
                     raise BadRequest(f"{u.name}: {r.error}", 413 if "decompression-bomb" in r.error else 400)
@@ -160,9 +170,11 @@ def endpoint(fn):
 
 @endpoint
 async def healthz(request, service: Service, state):
-    b = service.batcher
+    b, gate = service.batcher, service.gate
     return JSONResponse({"status": "ok", "model": "sat:latest", "fingerprint": service.info["fingerprint"],
-                         "queued": b.pending, "batches": b.batches, "images": b.images})
+                         "queued": b.pending, "batches": b.batches, "images": b.images,
+                         "in_flight": gate.active, "refused_busy": gate.refused, "requests": gate.served,
+                         "request_seconds": round(gate.served_s, 3), "batching": b.stats.as_dict()})
 
 
 @endpoint
@@ -317,7 +329,10 @@ def create_app(model, settings, options: ServeOptions, *, max_batch: int = 16, m
         return JSONResponse(formats.ERRORS[fmt](message, status), status)
 
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
-    app.state.service = Service(model, batcher, options)
+    gate = Gate(options.max_in_flight or 4 * max_queue + 64)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found},
+                    middleware=[Middleware(InFlightLimit, gate=gate)])
+    app.state.service = Service(model, batcher, options, gate)
     return app

@@ -2,7 +2,9 @@
 thread takes whatever arrived within ``max_wait_ms`` of the first, up to ``max_batch`` images,
 and runs them through the one inference pipeline (``pipeline.caption_rows``, what `sat caption`
 runs). JPEG decoding happens before, in the request's worker thread, so the model never waits on
-it. A full queue answers 503 with Retry-After; a request whose caller gave up is dropped."""
+it. An image that queued behind a busy model may wait a tenth of that time more (CATCH_UP) for
+others, so clients that send again as soon as they are answered share batches. A full queue
+answers 503 with Retry-After; a request whose caller gave up is dropped."""
 
 from __future__ import annotations
 
@@ -18,11 +20,40 @@ from ..records import Result
 from .inputs import BadRequest
 
 
+CATCH_UP = 0.1  # share of its queue time a waiting image may wait more to fill its batch
+LONGEST_CATCH_UP = 0.5  # seconds
+
+
 @dataclass
 class Job:
     results: list[Result]  # decoded: pixels set, or error
     attention: bool
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    queued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Stats:
+    """Where served images spend their time and why batches stop growing; /healthz shows it as
+    ``batching`` and bench/serve_bench.py prints it (the evidence for --max-wait-ms, --workers)."""
+
+    sizes: collections.Counter = field(default_factory=collections.Counter)  # images per model call -> calls
+    # why a batch stopped growing: "full" (--max-batch), "waited" (--max-wait-ms up and no image
+    # being decoded), "grace" (images still being decoded when the grace ran out), "closing"
+    closed: collections.Counter = field(default_factory=collections.Counter)
+    decoding_at_close: int = 0  # images being decoded when batches closed, summed
+    images: int = 0  # images decoded
+    decode_wait_s: float = 0.0  # waiting for a decoding thread, summed over images
+    decode_s: float = 0.0  # decoding (a thread's own time per image, summed)
+    queued_s: float = 0.0  # from the queue to the model, summed over images
+    model_s: float = 0.0  # model calls, summed over calls
+
+    def as_dict(self) -> dict:
+        """Running totals (a bench takes the difference of two readings)."""
+        return {"sizes": {str(k): v for k, v in sorted(self.sizes.items())}, "closed": dict(self.closed),
+                "decoding_at_close": self.decoding_at_close, "images_decoded": self.images,
+                "seconds": {"decode_wait": round(self.decode_wait_s, 3), "decode": round(self.decode_s, 3),
+                            "queued": round(self.queued_s, 3), "model": round(self.model_s, 3)}}
 
 
 class Batcher:
@@ -38,6 +69,7 @@ class Batcher:
         self.incoming = 0  # images of requests being decoded
         self.grace = max(4 * self.max_wait, 0.02)  # longest extra wait for them
         self.batches = self.images = 0  # counters for /healthz
+        self.stats = Stats()
         self.closed = False
         self.cond = threading.Condition()
         self.ready = concurrent.futures.Future()  # the store is open (or failed to open)
@@ -97,7 +129,11 @@ class Batcher:
                 self.cond.wait()
             if not self.queue:
                 return None
-            deadline = time.monotonic() + self.max_wait
+            now = time.monotonic()
+            # Images that queued behind a busy model may wait a tenth of that time more for others:
+            # the callers just answered (who often send again at once) join them, instead of
+            # closed-loop clients splitting into two half-batches that take turns for ever.
+            deadline = now + max(self.max_wait, min(LONGEST_CATCH_UP, CATCH_UP * (now - self.queue[0].queued)))
             while sum(len(j.results) for j in self.queue) < self.max_batch and not self.closed:
                 now = time.monotonic()
                 if now >= deadline + self.grace or (now >= deadline and not self.incoming):
@@ -108,7 +144,21 @@ class Batcher:
                 job = self.queue.popleft()
                 jobs.append(job)
                 size += len(job.results)
+            self._closed(jobs, size)
             return jobs
+
+    def _closed(self, jobs: list[Job], size: int) -> None:
+        stats, now = self.stats, time.monotonic()
+        if self.closed:
+            why = "closing"
+        elif size >= self.max_batch or self.queue:
+            why = "full"
+        else:
+            why = "grace" if self.incoming else "waited"
+        stats.closed[why] += 1
+        stats.decoding_at_close += self.incoming
+        stats.sizes[size] += 1
+        stats.queued_s += sum((now - j.queued) * len(j.results) for j in jobs)
 
     def _run(self) -> None:
         try:
@@ -122,7 +172,9 @@ class Batcher:
                 live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
                 try:
                     if live:
+                        started = time.monotonic()
                         self._caption(live)
+                        self.stats.model_s += time.monotonic() - started
                 except Exception as exc:  # the model failed: these requests get a 500, the server goes on
                     for j in live:
                         j.future.set_exception(exc)
