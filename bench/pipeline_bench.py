@@ -10,7 +10,8 @@ and a decoder of the real class with tiny sizes (8-wide LSTM, 18 words) whose ca
 Prints, for a run over COCO photos of ../shared/data:
 - the main process's CPU milliseconds per image (time.process_time around `caption_to_db`: what
   a GPU can never beat), and the part of it that is the tiny decoder's beam search (the model's
-  share, measured alone on the same batches);
+  share, measured alone on batches of the same size); split by thread: the caption loop (the main
+  thread, time.thread_time) and the writer thread (SQLite) beside it, which runs on another core;
 - one loader worker: the dataset's hash + decode + resize per photo in this process, as CPU ms per
   photo (time.process_time) and photos/s of wall time.
 CPU figures hold on a busy machine; the wall figures do not (the load average is printed).
@@ -164,15 +165,18 @@ def main():
         for p in paths[: args.photos]:
             os.symlink(p, folder / os.path.basename(p))
         options = CaptionOptions(batch_size=args.batch, workers=args.workers, quiet=False)
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu, thread, wall = time.process_time(), time.thread_time(), time.perf_counter()
         summary = caption_to_db(model, [str(folder)], str(Path(tmp) / "x.db"), settings, options)
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    per = 1000 * cpu / max(summary.captioned, 1)
+        cpu, thread, wall = time.process_time() - cpu, time.thread_time() - thread, time.perf_counter() - wall
+    n = max(summary.captioned, 1)
+    per, loop = 1000 * cpu / n, 1000 * thread / n
     beam = beam_share(model, settings, args.batch, summary.captioned)
     print(f"null model, {summary.captioned} photos, {args.workers} workers, batch {args.batch}: main process "
-          f"{per:.2f} ms CPU/image (ceiling {1000 / per:.0f} images/s; target <= 0.2 ms), of which the tiny "
-          f"decoder's beam search {beam:.2f} ms; the pipeline without it {per - beam:.2f} ms; "
-          f"wall {summary.captioned / wall:.0f} images/s (load {load()})")
+          f"{per:.2f} ms CPU/image (target <= 0.2 ms), of which the tiny decoder's beam search {beam:.2f} ms: "
+          f"the pipeline's own {per - beam:.2f} ms; by thread: caption loop {loop - beam:.2f} ms + beam search "
+          f"{beam:.2f}, writer thread and the rest {per - loop:.2f} ms (ceiling without the model "
+          f"{1000 / max(loop - beam, per - loop):.0f} images/s); wall {summary.captioned / wall:.0f} images/s "
+          f"(load {load()})")
 
 
 if __name__ == "__main__":

@@ -131,7 +131,12 @@ def caption_rows(model, results: list[Result], pixels, settings: DecodeSettings,
     """Caption ``results`` whose pixels are rows (``Result.row``) of the (N, 3, H, W) uint8 batch
     ``pixels``: encode, beam-search, set each one's ``captions`` (or ``error`` when it produced
     none). ``caption_batches`` and `sat serve`'s batcher both end here."""
-    features = encode(model.encoder, pixels[[r.row for r in results]], model.device, model.precision)
+    rows = [r.row for r in results]
+    if rows != list(range(len(rows))):  # some rows are not to be captioned: copy the others out
+        pixels = pixels[rows]
+    elif len(rows) < len(pixels):
+        pixels = pixels[: len(rows)]  # a view: no copy, and pinned memory stays pinned
+    features = encode(model.encoder, pixels, model.device, model.precision)
     for r, captions in zip(results, decode(model, features, settings, attention)):
         r.captions = captions
         if not captions:  # every score was NaN or -inf
