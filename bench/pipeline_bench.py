@@ -144,7 +144,6 @@ def main():
 
     torch.set_num_threads(args.threads)
 
-    from sat_cli.captioning import CaptionOptions, caption_to_db
     from sat_cli.pipeline import decode_settings
     from sat_cli.runtime import keep_freed_memory
 
@@ -159,24 +158,38 @@ def main():
           f"wall {rate:.0f} photos/s (hash + decode + resize to {args.size}, {args.worker_photos} photos) "
           f"(load {load()})")
 
+    runs = {}
+    for n in (args.batch, args.photos // 4, args.photos):  # a first small run pays the imports and warms up
+        runs[n] = run(model, paths[:n], settings, args)
+    n, (cpu, thread, wall) = args.photos, runs[args.photos]
+    q = args.photos // 4
+    per, loop = 1000 * cpu / n, 1000 * thread / n
+    steady = 1000 * (cpu - runs[q][0]) / (n - q)  # the slope between two runs: one-off costs cancel
+    steady_loop = 1000 * (thread - runs[q][1]) / (n - q)
+    beam = beam_share(model, settings, args.batch, n)
+    print(f"null model, {n} photos, {args.workers} workers, batch {args.batch}: main process {per:.2f} ms CPU/image "
+          f"({steady:.2f} steady: the slope between runs of {q} and {n} photos; target <= 0.2 ms). "
+          f"Of the steady figure: the tiny decoder's beam search {beam:.2f} ms (the model's share), the caption loop "
+          f"{steady_loop - beam:.2f} ms, the writer thread {steady - steady_loop:.2f} ms (another core): the "
+          f"pipeline's own {steady - beam:.2f} ms, ceiling {1000 / max(steady_loop - beam, steady - steady_loop):.0f} "
+          f"images/s. Wall {n / wall:.0f} images/s (load {load()})")
+
+
+def run(model, paths: list[str], settings, args) -> tuple[float, float, float]:
+    """(process CPU, main thread CPU, wall) seconds of one `caption_to_db` run into a new database."""
+    from sat_cli.captioning import CaptionOptions, caption_to_db
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
-        for p in paths[: args.photos]:
+        for p in paths:
             os.symlink(p, folder / os.path.basename(p))
-        options = CaptionOptions(batch_size=args.batch, workers=args.workers, quiet=False)
+        options = CaptionOptions(batch_size=args.batch, workers=args.workers, quiet=len(paths) < args.photos)
         cpu, thread, wall = time.process_time(), time.thread_time(), time.perf_counter()
         summary = caption_to_db(model, [str(folder)], str(Path(tmp) / "x.db"), settings, options)
         cpu, thread, wall = time.process_time() - cpu, time.thread_time() - thread, time.perf_counter() - wall
-    n = max(summary.captioned, 1)
-    per, loop = 1000 * cpu / n, 1000 * thread / n
-    beam = beam_share(model, settings, args.batch, summary.captioned)
-    print(f"null model, {summary.captioned} photos, {args.workers} workers, batch {args.batch}: main process "
-          f"{per:.2f} ms CPU/image (target <= 0.2 ms), of which the tiny decoder's beam search {beam:.2f} ms: "
-          f"the pipeline's own {per - beam:.2f} ms; by thread: caption loop {loop - beam:.2f} ms + beam search "
-          f"{beam:.2f}, writer thread and the rest {per - loop:.2f} ms (ceiling without the model "
-          f"{1000 / max(loop - beam, per - loop):.0f} images/s); wall {summary.captioned / wall:.0f} images/s "
-          f"(load {load()})")
+    assert summary.captioned == len(paths), summary
+    return cpu, thread, wall
 
 
 if __name__ == "__main__":
