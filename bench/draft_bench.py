@@ -2,11 +2,14 @@
 saves and whether it changes captions. The photos of ../shared/data are at most 384 px, where draft
 mode does nothing at the default model's 384 px; so each of N COCO val photos is upscaled by
 --scale (bicubic, JPEG quality 92, as a camera's large JPEG) into a temporary folder, then captioned
-with the default model with draft mode on (the default) and off.
+with the default model: draft mode as sat uses it (decode at the smallest DCT scale that still covers
+the model's size), draft mode asked for twice the model's size, and no draft mode; and the original
+photos for comparison.
 
     nice -n 15 .venv/bin/python bench/draft_bench.py [--photos 100] [--scale 4]
 
-Prints the decode + resize CPU ms per photo both ways and how many best captions agree.
+Prints the decode + resize CPU ms per photo of each, how many best captions agree with the
+full decode and with the original photo's, and CIDEr / BLEU-4 against the human captions.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ def main():
             paths.append(Path(tmp) / im["filename"])
             big.save(paths[-1], quality=92)
         texts, cost = {}, {}
-        for mode in ("draft", "full"):
-            JpegImagePlugin.JpegImageFile.draft = draft if mode == "draft" else (lambda self, m, s: None)
+        modes = {"draft": draft, "draft x2": lambda self, m, size: draft(self, m, tuple(2 * v for v in size)),
+                 "full": lambda self, m, size: None}
+        for mode, patch in modes.items():
+            JpegImagePlugin.JpegImageFile.draft = patch
             try:
                 cpu = time.process_time()
                 for p in paths:
@@ -60,13 +65,18 @@ def main():
                 texts[mode] = [r.text for r in cap([str(p) for p in paths], workers=0)]
             finally:
                 JpegImagePlugin.JpegImageFile.draft = draft
-    same = sum(a == b for a, b in zip(texts["draft"], texts["full"]))
-    print(f"{len(paths)} COCO val photos upscaled x{args.scale} (about {384 * args.scale} px): decode + resize "
-          f"{cost['draft']:.1f} ms CPU/photo with draft mode, {cost['full']:.1f} without; best captions identical "
-          f"for {same}/{len(paths)}")
-    for a, b in zip(texts["draft"], texts["full"]):
-        if a != b:
-            print(f"  draft: {a!r}\n  full:  {b!r}")
+    texts["original"] = [r.text for r in cap([str(DATA / im["filepath"] / im["filename"]) for im in images], workers=0)]
+    from sat_cli.evaluation.metrics import score_captions
+
+    refs = {i: [s["raw"] for s in im["sentences"]] for i, im in enumerate(images)}
+    print(f"{len(paths)} COCO val photos upscaled x{args.scale} (about {384 * args.scale} px), default model:")
+    for mode, got in texts.items():
+        scores = score_captions(refs, dict(enumerate(got)), meteor=False)
+        same = sum(a == b for a, b in zip(got, texts["full"]))
+        same_orig = sum(a == b for a, b in zip(got, texts["original"]))
+        spent = f"decode + resize {cost[mode]:.1f} ms CPU/photo, " if mode in cost else "(the photos as stored) "
+        print(f"  {mode:9s} {spent}best caption as without draft mode {same}/{len(got)}, as on the original "
+              f"photo {same_orig}/{len(got)}; CIDEr {scores['CIDEr']:.1f}, BLEU-4 {scores['BLEU-4']:.1f}")
 
 
 if __name__ == "__main__":
