@@ -65,7 +65,8 @@ def batch(seed: int, n: int, shas=None) -> list[Result]:
             continue
         caps = []
         for rank in (1, 2, 3):
-            words = ["a", "dog", "on", "the", "grass"][: 2 + rank]
+            words = ["a", "dog", "on", "the", "grass"][: 2 + rank] if rank < 3 else \
+                ["a", 'say "hi"', "café", "back\\slash", "", "<unk>"]  # imported vocabularies: any string
             att = rng.random((len(words), 3, 4), dtype=np.float32)
             att = att.astype("float16") if rank != 2 else att  # float32 maps are stored as float16 too
             caps.append(Caption(rank, " ".join(words), words, -1.5 * rank, -0.5 * rank, rank != 3,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -294,7 +295,13 @@ _INSERT_CAPTION = ("INSERT INTO captions (id, result_id, rank, text, tokens, log
 _INSERT_MAP = "INSERT INTO attention_maps (caption_id, words, grid_h, grid_w, dtype, data) VALUES (?, ?, ?, ?, ?, ?)"
 
 
+_PLAIN = re.compile(r"[a-z0-9 ]*")  # words json.dumps writes as they are, joined by spaces
+
+
 def _tokens(words: list[str]) -> str:
+    """The tokens column: ``json.dumps(words)``, written directly for the usual plain words."""
+    if _PLAIN.fullmatch(" ".join(words)) and all(words):
+        return '["' + '", "'.join(words) + '"]' if words else "[]"
     return json.dumps(words)
 
 
