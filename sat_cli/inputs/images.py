@@ -301,7 +301,12 @@ class Sources:
 
 
 def collate(items: list[Result]):
-    """-> (items, stacked pixels (N, 3, H, W) uint8 of the items that have them, or None)."""
+    """-> (items, pixels (N, 3, H, W) uint8 of the items that have them, or None).
+
+    Decoded photos are (H, W, 3) arrays: they are stacked as they are, into shared memory in a
+    DataLoader worker (nothing to copy again on the way to the main process), and the batch is
+    returned as a (N, 3, H, W) view with channels-last strides, the layout the encoders' convolutions
+    want, instead of being transposed photo by photo (1-2 ms of a worker's CPU per photo)."""
     import torch
 
     good = []
@@ -310,4 +315,16 @@ def collate(items: list[Result]):
             it.row = len(good)
             good.append(it.pixels)
             it.pixels = None
-    return items, (torch.stack(good) if good else None)
+    if not good:
+        return items, None
+    hwc = [p.permute(1, 2, 0) for p in good]
+    if not all(h.is_contiguous() and h.shape == hwc[0].shape for h in hwc):
+        return items, torch.stack(good)
+    first = hwc[0]
+    if torch.utils.data.get_worker_info() is not None:
+        storage = first._typed_storage()._new_shared(len(hwc) * first.numel(), device=first.device)
+        out = first.new(storage).resize_(len(hwc), *first.shape)
+    else:
+        out = first.new_empty((len(hwc), *first.shape))
+    torch.stack(hwc, out=out)
+    return items, out.permute(0, 3, 1, 2)

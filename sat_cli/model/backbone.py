@@ -114,6 +114,8 @@ class Encoder(nn.Module):
         x = (x - self.mean) / self.std
         if self.input_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        else:  # batches come with channels-last strides (inputs.images.collate)
+            x = x.contiguous()
         fmap = self.feature_map(x)  # (B, C, h, w)
         if self.grid and tuple(fmap.shape[-2:]) != (self.grid, self.grid):
             fmap = F.adaptive_avg_pool2d(fmap, self.grid)
