@@ -12,8 +12,9 @@ Prints, for a run over COCO photos of ../shared/data:
   a GPU can never beat), and the part of it that is the tiny decoder's beam search (the model's
   share, measured alone on batches of the same size); split by thread: the caption loop (the main
   thread, time.thread_time) and the writer thread (SQLite) beside it, which runs on another core;
-- one loader worker: the dataset's hash + decode + resize per photo in this process, as CPU ms per
-  photo (time.process_time) and photos/s of wall time.
+- one loader worker: the dataset's read + hash + decode + resize per photo in this process, and a
+  real DataLoader worker process (collate and the hand-off included; its CPU from getrusage), as
+  CPU ms per photo and photos/s of wall time.
 CPU figures hold on a busy machine; the wall figures do not (the load average is printed).
 """
 
@@ -113,6 +114,23 @@ def worker_rate(paths: list[str], preprocess) -> tuple[float, float]:
     return 1000 * cpu / len(paths), len(paths) / wall
 
 
+def loader_worker(paths: list[str], preprocess, batch: int) -> tuple[float, float]:
+    """(CPU ms per photo, photos/s of wall time) of one real DataLoader worker process: dataset,
+    collate and the hand-off to this process (its CPU from getrusage once it has exited)."""
+    import resource
+
+    from sat_cli.pipeline import load_batches
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    for _ in load_batches(paths, preprocess, batch, workers=1):
+        pass
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return 1000 * cpu / len(paths), len(paths) / wall
+
+
 def beam_share(model, settings, batch: int, n: int) -> float:
     """CPU ms per image of the tiny decoder's beam search alone (batches of ``batch``)."""
     import torch
@@ -154,9 +172,13 @@ def main():
     settings = decode_settings(model.decode_defaults())
 
     ms, rate = worker_rate(paths[: args.worker_photos], model.preprocess)
-    print(f"one loader worker: {ms:.2f} ms CPU/photo ({1000 / ms:.0f} COCO photos/s of CPU; target >= 400), "
-          f"wall {rate:.0f} photos/s (hash + decode + resize to {args.size}, {args.worker_photos} photos) "
+    print(f"loader work in this process: {ms:.2f} ms CPU/photo ({1000 / ms:.0f} COCO photos/s of CPU), "
+          f"wall {rate:.0f} photos/s (read + hash + decode + resize to {args.size}, {args.worker_photos} photos) "
           f"(load {load()})")
+    ms, rate = loader_worker(paths[: args.worker_photos], model.preprocess, args.batch)
+    print(f"one loader worker process: {ms:.2f} ms CPU/photo ({1000 / ms:.0f} COCO photos/s of CPU; target >= 400), "
+          f"wall {rate:.0f} photos/s (the above plus collate and the hand-off to the main process, and the "
+          f"worker's start) (load {load()})")
 
     runs = {}
     for n in (args.batch, args.photos // 4, args.photos):  # a first small run pays the imports and warms up
