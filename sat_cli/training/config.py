@@ -69,6 +69,10 @@ class TrainConfig:
     mosaic_fill: str = opt("photos", "What fills a mosaic's other three quadrants: other training photos, or blank "
                                      "(mid-grey) tiles, so the caption's photo is the only content to find.",
                            choices=("photos", "blank"))
+    attention_boxes: str | None = opt(None, "Person boxes JSON ({\"boxes\": {file name: [[cx, cy, w, h], ...]}}, "
+                                            "fractions; e.g. coco/person_boxes.json): the attention of each person "
+                                            "word is trained toward its photo's people.", exists=True)
+    box_weight: float = opt(1.0, "Weight of the --attention-boxes term.", min=0.0)
     label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy.", min=0.0, max=1.0)
     grad_clip: float = opt(5.0, "Clip gradients to this norm.")
     min_word_freq: int = opt(5, "Words seen fewer times in the training captions become <unk>.", min=1)

@@ -59,6 +59,7 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
         if shared:  # features of each photo once; photo[b]: caption b's row among them
             images, photo = torch.unique(images, return_inverse=True)
             photo = photo.to(device, non_blocking=True)
+        chosen = ()  # captions shown inside a mosaic
         with autocast(device, t.precision if device.type == "cuda" else "fp32"):
             if tuning:
                 pixels = next(pixels_iter)
@@ -82,6 +83,16 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
             logits, alphas, loc_logp = t.model(feats, caps, lengths.tolist(), sampled, photo)
             loss, ce = caption_loss(logits.float(), alphas.float(), caps, lengths, cfg.attention_lambda,
                                     cfg.label_smoothing, t.vocab.pad)
+            if t.box_cover is not None and cfg.box_weight:
+                from .boxes import box_loss
+
+                rows = t.image_index[idx]
+                supervised = t.box_has[rows]
+                if len(chosen):
+                    supervised[chosen] = False  # a mosaic moves the photo: its boxes no longer apply
+                term, _ = box_loss(alphas.float(), caps, t.box_cover[rows].to(device), supervised.to(device),
+                                   t.person_ids, t.vocab.pad)
+                loss = loss + cfg.box_weight * term
             if sampled is not None and bool(sampled.any()):
                 baseline = t.state.get("hard_baseline")
                 term, rewards = hard_attention_loss(logits.float(), alphas.float(), loc_logp.float(), sampled, caps,

@@ -129,6 +129,15 @@ class Trainer:
         self.caps, self.lengths, self.image_index = tensor_captions(self.train_entries, self.vocab, cfg.max_caption_len)
         if cfg.mosaic:
             self.tile_feats = self.half_size_features(shas)
+        self.box_cover = None
+        if cfg.attention_boxes:
+            from .boxes import load_box_cover, person_ids
+
+            self.box_cover, self.box_has = load_box_cover(cfg.attention_boxes, self.train_entries,
+                                                          self.encoder.grid_shape())
+            self.person_ids = person_ids(self.vocab)
+            self.say(f"Attention supervision: person boxes for {int(self.box_has.sum())} of "
+                     f"{len(self.train_entries)} training photos, {len(self.person_ids)} person words")
 
         self.decoder = Decoder(DecoderConfig(
             vocab_size=len(self.vocab), encoder_dim=self.encoder.out_dim, embed_dim=cfg.embed_dim,
