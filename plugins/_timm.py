@@ -185,7 +185,8 @@ def build_cnn(name: str, options: EncoderOptions, family: EncoderFamily) -> Enco
     model.reset_classifier(0)
     layers = check_layers(model, name, options.layers)
     with torch.no_grad():  # one small forward tells the layout (and channels) of the feature map
-        probe = torch.zeros(1, 3, *preprocess.size)
+        small = not model.pretrained_cfg.get("fixed_input_size", False)  # 64 px: as telling, 30x cheaper
+        probe = torch.zeros(1, 3, *(min(s, 64) if small else s for s in preprocess.size))
         out = model.forward_features(probe) if layers is None else stage_maps(model, probe, layers)
     channels_last = layers is None and out.shape[1] != model.num_features and out.shape[-1] == model.num_features
     out_dim = model.num_features if layers is None else out.shape[1]

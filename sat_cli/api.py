@@ -160,7 +160,8 @@ class Captioner:
         (``force`` redoes it). A file unchanged since it was hashed (same device, inode, size, mtime
         and ctime) is not read again; ``rehash`` reads every file. Returns the run's Summary (run_id, captioned, skipped, failed...).
         ``db_timeout``: seconds to wait for another program's lock on the database before giving
-        up with a StorageError (nothing is lost; run again).
+        up with a StorageError (nothing is lost; run again). ``on_result(result)`` is called for
+        each input once its batch is stored, from the thread that stores batches.
 
         >>> summary = cap.to_db("out.db", ["photos/"], beam=3)
         >>> summary.captioned, summary.failed

@@ -106,10 +106,12 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
             batches = caption_batches(model, paths, settings, batch_size=options.batch_size, workers=workers,
                                       attention=options.attention, skip=done, dedupe=True,
                                       read_timeout=options.read_timeout)
-            if dist.world == 1:
+            if dist.world == 1:  # batches are stored in a writer thread while the next ones are captioned
+                writer.start()
                 for results in batches:
-                    writer.write(results)
+                    writer.put(results)
                     advance(len(results), summary.failed)
+                writer.drain()
             else:
                 _gather_rounds(dist, batches, writer, advance, summary)
         except _NothingToDo:
@@ -123,6 +125,7 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
         finally:
             summary.seconds = time.perf_counter() - started
             if writer:
+                writer.stop()
                 writer.finish(status)
     return summary
 
@@ -146,8 +149,12 @@ class _Writer:
         self.stats: dict = {}  # path -> its stat taken before it was read (the file index)
 
     def write(self, results: list[Result]):
-        if not results:
-            return
+        """Count and store ``results`` now, in this thread."""
+        if results:
+            self._count(results)
+            self._store(results)
+
+    def _count(self, results: list[Result]):
         for r in results:
             if r.error:
                 self.summary.failed += 1
@@ -155,10 +162,56 @@ class _Writer:
                     self.summary.failures.append((r.path, r.error))
             elif r.skipped:
                 self.summary.skipped += 1
+
+    def _store(self, results: list[Result]):
         self.store.write_batch(self.summary.run_id, results, self.fingerprint, self.key, after=self._index)
         if self.on_result:
             for r in results:
                 self.on_result(r)
+
+    # The writer thread: the caption loop hands it each batch (put) and goes on with the next one;
+    # SQLite's work (indexes, full-text index, the WAL) runs beside it. The database connection
+    # belongs to that thread from start() until drain() or stop() has joined it.
+    def start(self):
+        import queue
+        import threading
+
+        self._queue, self._error = queue.Queue(maxsize=4), None
+        self._thread = threading.Thread(target=self._run, name="sat-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while (results := self._queue.get()) is not None:
+            if self._error is None:  # after a failure: drain the queue, store nothing more
+                try:
+                    self._store(results)
+                except BaseException as exc:  # handed to the caption loop (a full disk, an interrupt)
+                    self._error = exc
+
+    def put(self, results: list[Result]):
+        """Queue a batch for storage (waits while 4 are queued); raises the writer's error, if any."""
+        self._raise()
+        if results:
+            self._count(results)
+            self._queue.put(results)
+
+    def drain(self):
+        """Wait until every queued batch is stored; raises the writer's error, if any."""
+        self.stop()
+        self._raise()
+
+    def stop(self):
+        """Store what is queued and end the thread (no error raised: see drain)."""
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+            self._thread = None
+
+    def _raise(self):
+        error, self._error = getattr(self, "_error", None), None
+        if error is not None:
+            raise error
 
     def _index(self, results: list[Result]):
         """File index rows for this batch's files, in its transaction (a failed file loses its row)."""

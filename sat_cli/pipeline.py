@@ -81,7 +81,8 @@ def decode(model, features, settings: DecodeSettings, attention: bool = True) ->
     vocab = model.vocab
     block = getattr(model, "decode_defaults", dict)().get("block_specials", True)  # False: imported models
     hyps = beam_search(model.decoder, features, settings, start=vocab.start, end=vocab.end,
-                       blocked=(vocab.pad, vocab.start, vocab.unk) if block else (), attention=attention)
+                       blocked=(vocab.pad, vocab.start, vocab.unk) if block else (), attention=attention,
+                       half_maps=True)
     grid = model.grid if attention else None
     return [to_captions(h, vocab, grid) for h in hyps]
 
@@ -93,7 +94,7 @@ def to_captions(hyps, vocab, grid: tuple[int, int] | None) -> list[Caption]:
         words = vocab.decode(hyp.tokens)
         maps = None
         if grid is not None and hyp.alphas is not None:
-            maps = hyp.alphas.reshape(len(hyp.tokens), *grid).astype("float16")
+            maps = hyp.alphas.reshape(len(hyp.tokens), *grid).astype("float16")  # a copy: its own memory
         out.append(Caption(rank, " ".join(words), words, hyp.logprob, hyp.score, hyp.finished, maps))
     return out
 
@@ -131,7 +132,12 @@ def caption_rows(model, results: list[Result], pixels, settings: DecodeSettings,
     """Caption ``results`` whose pixels are rows (``Result.row``) of the (N, 3, H, W) uint8 batch
     ``pixels``: encode, beam-search, set each one's ``captions`` (or ``error`` when it produced
     none). ``caption_batches`` and `sat serve`'s batcher both end here."""
-    features = encode(model.encoder, pixels[[r.row for r in results]], model.device, model.precision)
+    rows = [r.row for r in results]
+    if rows != list(range(len(rows))):  # some rows are not to be captioned: copy the others out
+        pixels = pixels[rows]
+    elif len(rows) < len(pixels):
+        pixels = pixels[: len(rows)]  # a view: no copy, and pinned memory stays pinned
+    features = encode(model.encoder, pixels, model.device, model.precision)
     for r, captions in zip(results, decode(model, features, settings, attention)):
         r.captions = captions
         if not captions:  # every score was NaN or -inf

@@ -399,3 +399,15 @@ def test_third_party_plugin_found_through_entry_points(tmp_path, tiny_model):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(str(EXAMPLES / "rocket.jpg") + "\t")
+
+
+def test_fold_batch_norm_probes_small_and_keeps_the_models_grid():
+    """The fold's check runs on a 64 px probe (cold start, issue 22): the encoder's grid stays the
+    one of its own input size, and a small probe's grid never leaks into the attention maps."""
+    calls = []
+    enc = create_encoder("timm:test_efficientnet", EncoderOptions(pretrained=False, image_size=256)).eval()
+    real = enc.encode
+    enc.encode = lambda images: calls.append(tuple(images.shape[-2:])) or real(images)
+    assert enc.fold_batch_norm() > 0
+    assert calls == [(64, 64), (64, 64)]
+    assert enc.grid_shape() == (8, 8)  # 256 px at stride 32, not the probe's 2 x 2

@@ -130,3 +130,23 @@ def test_known_content_is_skipped_without_decoding(tmp_path):
     files = Sources((16, 16), skip=frozenset({hashlib.sha256(data).hexdigest()}))
     item = files[(0, str(tmp_path / "r.jpg"))]
     assert item.skipped and item.pixels is None and item.width is None
+
+
+def test_a_batch_is_stacked_channels_last_and_from_a_worker_in_shared_memory(photos):
+    """collate stacks the decoded (H, W, 3) photos as they are (issue 22): the same values as
+    transposing each photo, with channels-last strides; from a DataLoader worker the batch is
+    already in shared memory, so it is not copied again on the way to the main process."""
+    import torch
+
+    from sat_cli.pipeline import load_batches
+    from sat_cli.model.encoders import Preprocess
+
+    paths = sorted(str(p) for p in photos.rglob("*.*") if not p.name.startswith("."))
+    files = Sources((40, 48))
+    items = [files[(i, p)] for i, p in enumerate(paths)]
+    expected = torch.stack([it.pixels.contiguous() for it in items])
+    _, pixels = collate(items)
+    assert torch.equal(pixels, expected) and pixels.shape == (4, 3, 40, 48)
+    assert pixels.is_contiguous(memory_format=torch.channels_last) and not pixels.is_shared()
+    (_, shared), = load_batches(paths, Preprocess(size=(40, 48)), batch_size=8, workers=1)
+    assert torch.equal(shared, expected) and shared.is_shared()

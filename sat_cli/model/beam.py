@@ -59,7 +59,7 @@ class Hypothesis:
     logprob: float  # summed log-probability of the words (and of <end> when finished)
     score: float  # logprob / length ** length_penalty; length counts <end> when finished
     finished: bool  # reached <end> within max_len
-    alphas: np.ndarray | None = field(default=None, repr=False)  # (len(tokens), P) float32
+    alphas: np.ndarray | None = field(default=None, repr=False)  # (len(tokens), P) float32 (float16: half_maps)
 
 
 def normalized_score(logprob: float, length: int, length_penalty: float) -> float:
@@ -86,15 +86,18 @@ def ngram_ban(tokens, n: int, vocab_size: int):
 
 
 def beam_search(decoder, features, settings: DecodeSettings, *, start: int, end: int,
-                blocked: tuple[int, ...] = (), attention: bool = True) -> list[list[Hypothesis]]:
-    """Decode a batch. features (B, P, C) on the decoder's device; returns ranked hypotheses per image."""
+                blocked: tuple[int, ...] = (), attention: bool = True,
+                half_maps: bool = False) -> list[list[Hypothesis]]:
+    """Decode a batch. features (B, P, C) on the decoder's device; returns ranked hypotheses per image.
+    ``half_maps``: attention maps come back as float16 (converted on the device, in one go: half
+    the bytes to copy to the host), each a view of the batch's array."""
     import torch
 
     with torch.inference_mode():
-        return _beam_search(torch, decoder, features.float(), settings, start, end, blocked, attention)
+        return _beam_search(torch, decoder, features.float(), settings, start, end, blocked, attention, half_maps)
 
 
-def _beam_search(torch, decoder, features, settings, start, end, blocked, attention):
+def _beam_search(torch, decoder, features, settings, start, end, blocked, attention, half_maps=False):
     B0, P, _ = features.shape
     K, L, V = settings.beam_size, settings.max_len, decoder.config.vocab_size
     dev = features.device
@@ -192,14 +195,17 @@ def _beam_search(torch, decoder, features, settings, start, end, blocked, attent
             tokens, alpha_hist = tokens[idx], alpha_hist[idx]
 
     return _collect(settings, fin_tokens, fin_len, fin_logprob, fin_alpha, fin_count,
-                    tokens, alpha_hist if attention else None, scores, rows, B0)
+                    tokens, alpha_hist if attention else None, scores, rows, B0, half_maps)
 
 
 def _collect(settings, fin_tokens, fin_len, fin_logprob, fin_alpha, fin_count,
-             tokens, alpha_hist, scores, rows, n_images) -> list[list[Hypothesis]]:
+             tokens, alpha_hist, scores, rows, n_images, half_maps=False) -> list[list[Hypothesis]]:
     """Move the results to the CPU once and build the ranked hypotheses of each image."""
     lp = settings.length_penalty
     fin_tokens, fin_len, fin_logprob, fin_count = (x.cpu().numpy() for x in (fin_tokens, fin_len, fin_logprob, fin_count))
+    if half_maps and fin_alpha is not None:
+        fin_alpha, alpha_hist = fin_alpha.half(), alpha_hist.half()
+    own = (lambda a: a) if half_maps else (lambda a: a.copy())  # views of the batch's float16 array, or copies
     fin_alpha = fin_alpha.cpu().numpy() if fin_alpha is not None else None
     results: list[list[Hypothesis]] = [[] for _ in range(n_images)]
     for i in range(n_images):
@@ -209,7 +215,7 @@ def _collect(settings, fin_tokens, fin_len, fin_logprob, fin_alpha, fin_count,
             results[i].append(Hypothesis(
                 tokens=fin_tokens[i, j, :n].tolist(), logprob=logprob,
                 score=normalized_score(logprob, n + 1, lp), finished=True,
-                alphas=fin_alpha[i, j, :n].copy() if fin_alpha is not None else None,
+                alphas=own(fin_alpha[i, j, :n]) if fin_alpha is not None else None,
             ))
     if rows.numel():  # hypotheses still open at max_len
         tokens, scores, rows = tokens.cpu().numpy(), scores.cpu().numpy(), rows.cpu().numpy()
@@ -220,6 +226,6 @@ def _collect(settings, fin_tokens, fin_len, fin_logprob, fin_alpha, fin_count,
                 results[i].append(Hypothesis(
                     tokens=tokens[r, k].tolist(), logprob=logprob,
                     score=normalized_score(logprob, tokens.shape[2], lp), finished=False,
-                    alphas=alpha_hist[r, k].copy() if alpha_hist is not None else None,
+                    alphas=own(alpha_hist[r, k]) if alpha_hist is not None else None,
                 ))
     return [rank_hypotheses(h, settings.keep) for h in results]

@@ -42,6 +42,8 @@ class Vocab:
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         """Ids -> words, stopping at <end> and leaving out the other special tokens."""
+        if isinstance(ids, list) and (not ids or min(ids) > self.unk):  # no special token: one lookup each
+            return [self.itos[i] for i in ids]
         words = []
         for i in ids:
             if i == self.end:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,7 +92,9 @@ def open_db(path: str | Path, must_exist: bool = False, timeout: float = 60.0):
     while True:
         db = None
         try:
-            db = Database(p)
+            # One connection, handed from thread to thread (sat caption stores batches in a writer
+            # thread): never used by two threads at once.
+            db = Database(sqlite3.connect(str(p), check_same_thread=False))
             db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")  # other writers wait their turn
             if db.journal_mode != "wal":
                 db.enable_wal()
@@ -200,31 +203,60 @@ class Store:
 
     def write_batch(self, run_id: int, records: list[Result], fingerprint: str, settings_key: str, after=None):
         """Store one batch in one transaction: a crash loses this batch or nothing. ``after(records)``
-        runs inside the same transaction (the file index)."""
+        runs inside the same transaction (the file index).
+
+        A few statements per batch (``executemany``), not per image: new results, captions and
+        maps get the ids SQLite would give them one by one (max + 1: the write lock is held).
+        A batch that replaces stored results (--force) or holds one content twice is written
+        one image at a time, as the rows must then be deleted and inserted in order."""
         from ..inputs.paths import display, to_bytes
 
         stamp = now()
+        images = []
+        for rec in records:
+            error = rec.error.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+                if rec.error else None
+            images.append((display(rec.path), to_bytes(rec.path), rec.sha256, rec.size, rec.width, rec.height,
+                           "failed" if rec.error else "ok", error, run_id, stamp))
+        captioned = [rec for rec in records if rec.captions]
         with self.write():
-            for rec in records:
-                error = rec.error.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
-                    if rec.error else None
-                self.db.execute(
-                    """INSERT INTO images (path, path_bytes, sha256, bytes, width, height, status, error, run_id,
-                                           updated_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                       ON CONFLICT(path_bytes) DO UPDATE SET
-                         path = excluded.path, sha256 = excluded.sha256, bytes = excluded.bytes,
-                         width = coalesce(excluded.width, images.width),
-                         height = coalesce(excluded.height, images.height),
-                         status = excluded.status, error = excluded.error,
-                         run_id = excluded.run_id, updated_at = excluded.updated_at""",
-                    [display(rec.path), to_bytes(rec.path), rec.sha256, rec.size, rec.width, rec.height,
-                     "failed" if rec.error else "ok", error, run_id, stamp],
-                )
-                if rec.captions:
+            conn = self.db.conn
+            conn.executemany(_UPSERT_IMAGE, images)
+            if captioned and not self._bulk_results(run_id, captioned, fingerprint, settings_key, stamp):
+                for rec in captioned:
                     self._replace_result(run_id, rec, fingerprint, settings_key, stamp)
             if after is not None:
                 after(records)
+
+    def _bulk_results(self, run_id, records: list[Result], fingerprint, settings_key, stamp) -> bool:
+        """Insert the results, captions and maps of ``records`` with one statement each; False
+        (nothing written) when one of them replaces a stored result or repeats a content."""
+        conn = self.db.conn
+        hashes = [rec.sha256 for rec in records]
+        if len(set(hashes)) < len(hashes):
+            return False
+        for i in range(0, len(hashes), 500):  # SQLite's limit on parameters: 999 in old versions
+            part = hashes[i : i + 500]
+            if conn.execute(f"SELECT 1 FROM results WHERE model_fingerprint = ? AND settings_key = ? AND sha256 IN "
+                            f"({', '.join('?' * len(part))}) LIMIT 1", [fingerprint, settings_key, *part]).fetchone():
+                return False
+        result_id = conn.execute("SELECT coalesce(max(id), 0) FROM results").fetchone()[0]
+        caption_id = conn.execute("SELECT coalesce(max(id), 0) FROM captions").fetchone()[0]
+        results, captions, maps = [], [], []
+        for rec in records:
+            result_id += 1
+            results.append((result_id, rec.sha256, fingerprint, settings_key, run_id, stamp))
+            for cap in rec.captions:
+                caption_id += 1
+                captions.append((caption_id, result_id, cap.rank, cap.text, _tokens(cap.words), cap.logprob,
+                                 cap.score, int(cap.finished)))
+                if cap.attention is not None:
+                    maps.append(_map_row(caption_id, cap.attention))
+        conn.executemany("INSERT INTO results (id, sha256, model_fingerprint, settings_key, run_id, created_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", results)
+        conn.executemany(_INSERT_CAPTION, captions)
+        conn.executemany(_INSERT_MAP, maps)
+        return True
 
     def _replace_result(self, run_id, rec: Result, fingerprint, settings_key, stamp):
         old = self.db.execute(
@@ -244,11 +276,38 @@ class Store:
         for cap in rec.captions:
             caption_id = self.db.execute(
                 "INSERT INTO captions (result_id, rank, text, tokens, logprob, score, finished) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [result_id, cap.rank, cap.text, json.dumps(cap.words), cap.logprob, cap.score, int(cap.finished)],
+                [result_id, cap.rank, cap.text, _tokens(cap.words), cap.logprob, cap.score, int(cap.finished)],
             ).lastrowid
             if cap.attention is not None:
-                a = cap.attention
-                self.db.execute(
-                    "INSERT INTO attention_maps (caption_id, words, grid_h, grid_w, dtype, data) VALUES (?, ?, ?, ?, ?, ?)",
-                    [caption_id, a.shape[0], a.shape[1], a.shape[2], "float16", a.astype("<f2").tobytes()],
-                )
+                self.db.execute(_INSERT_MAP, _map_row(caption_id, cap.attention))
+
+
+_UPSERT_IMAGE = """INSERT INTO images (path, path_bytes, sha256, bytes, width, height, status, error, run_id, updated_at)
+   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+   ON CONFLICT(path_bytes) DO UPDATE SET
+     path = excluded.path, sha256 = excluded.sha256, bytes = excluded.bytes,
+     width = coalesce(excluded.width, images.width),
+     height = coalesce(excluded.height, images.height),
+     status = excluded.status, error = excluded.error,
+     run_id = excluded.run_id, updated_at = excluded.updated_at"""
+_INSERT_CAPTION = ("INSERT INTO captions (id, result_id, rank, text, tokens, logprob, score, finished) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_MAP = "INSERT INTO attention_maps (caption_id, words, grid_h, grid_w, dtype, data) VALUES (?, ?, ?, ?, ?, ?)"
+
+
+_PLAIN = re.compile(r"[a-z0-9 ]*")  # words json.dumps writes as they are, joined by spaces
+
+
+def _tokens(words: list[str]) -> str:
+    """The tokens column: ``json.dumps(words)``, written directly for the usual plain words."""
+    if _PLAIN.fullmatch(" ".join(words)) and all(words):
+        return '["' + '", "'.join(words) + '"]' if words else "[]"
+    return json.dumps(words)
+
+
+def _map_row(caption_id: int, a) -> tuple:
+    """An attention_maps row: (words, grid_h, grid_w) as little-endian float16 bytes (no copy when
+    the maps are float16 already)."""
+    import numpy as np
+
+    return (caption_id, a.shape[0], a.shape[1], a.shape[2], "float16", np.ascontiguousarray(a, dtype="<f2").tobytes())
