@@ -173,3 +173,36 @@ def test_a_rerun_over_new_photos_appends(old_db, tmp_path, tiny_model):
     first_run = before["runs"][1][0][0]
     old_only = json.loads(sat("export", db, "--format", "json", "--run", first_run))
     assert sum(len(rec.get("captions", [])) for rec in old_only) == len(before["captions"][1])
+
+
+def schema(db_path: Path) -> dict:
+    """Tables with their columns (name, type, pk), indexes with their columns and uniqueness, triggers."""
+    conn = sqlite3.connect(db_path)
+    try:
+        out = {}
+        for kind, name, table in conn.execute("SELECT type, name, tbl_name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"):
+            if kind == "table":
+                out[("table", name)] = sorted((r[1], r[2], r[5]) for r in conn.execute(f"PRAGMA table_info('{name}')"))
+            elif kind == "index":
+                unique = [r[2] for r in conn.execute(f"PRAGMA index_list('{table}')") if r[1] == name]
+                out[("index", name)] = (table, unique, [r[2] for r in conn.execute(f"PRAGMA index_info('{name}')")])
+            else:
+                out[(kind, name)] = table
+        return out
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_migrated_database_has_the_schema_of_a_new_one(name, tmp_path):
+    """Whatever version wrote it, a migrated database ends with the tables, columns, indexes and
+    triggers a new database gets (column order aside: m004_runs_merged_from added merged_from first)."""
+    from sat_cli.store.writes import open_db
+
+    open_db(tmp_path / "new.db").close()
+    shutil.copyfile(FIXTURES / f"{name}.db", tmp_path / "old.db")
+    open_db(tmp_path / "old.db").close()
+    new = schema(tmp_path / "new.db")
+    assert schema(tmp_path / "old.db") == new
+    assert {"images", "runs", "results", "captions", "attention_maps", "metadata_writes", "file_index",
+            "captions_fts"} <= {n for kind, n in new if kind == "table"}
