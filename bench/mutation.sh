@@ -30,7 +30,7 @@ cat >> "$scratch/pyproject.toml" <<TOML
 [tool.mutmut]
 source_paths = ["sat_cli"]
 only_mutate = ["$module"]
-pytest_add_cli_args_test_selection = [$tests]
+pytest_add_cli_args_test_selection = [$(cd "$scratch" && for t in $(echo "$tests" | tr -d '",'); do [ -e "${t%%::*}" ] && printf '"%s", ' "$t"; done)]
 pytest_add_cli_args = ["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly"]
 process_isolation = "forkserver"
 also_copy = ["examples", "plugins", "bench", "docs", "README.md", "CHANGELOG.md", "DEVELOPERS.md", ".ci"]
