@@ -390,3 +390,28 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     assert _storage_tensor(typed, 0, (2, 2), (2, 1)).shape == (2, 2)
     with pytest.raises(CheckpointError, match="past its storage"):
         _storage_tensor(typed, 0, (100,), (1,))  # torch's own set_ would read past the end
+
+
+def test_half_stores_float16_that_equals_the_weights_rounded_and_captions(his, tmp_path):
+    """sat import sgrvinod --half: every weight is his, rounded to float16 (half the file), and
+    the model loads and captions a photo."""
+    import sat_cli
+
+    out = tmp_path / "half"
+    result = CliRunner().invoke(cli, ["import", "sgrvinod", str(his.files[0]), "--word-map",
+                                      str(his.tmp / "WORDMAP.json"), "--out", str(out), "--half"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    half, full = load_file(str(out / "model.safetensors")), load_file(str(his.imported["zip"] / "model.safetensors"))
+    assert half.keys() == full.keys()
+    for key, value in full.items():
+        if value.is_floating_point():
+            assert half[key].dtype == torch.float16, key
+            assert torch.equal(half[key], value.half()), key
+        else:
+            assert torch.equal(half[key], value), key
+    size = (out / "model.safetensors").stat().st_size
+    assert size < 0.55 * (his.imported["zip"] / "model.safetensors").stat().st_size
+    cap = sat_cli.load(out, device="cpu")
+    got = cap([str(shared_images(1)[0])], beam=2, max_len=8)
+    assert got[0].ok and got[0].words

@@ -45,3 +45,26 @@ def test_version_and_the_encoders_table():
     # one block per encoder prefix, headed by the plugin module that provides it
     assert rows == {"torchvision": "sat_cli_plugins.torchvision_resnet", "timm": "sat_cli_plugins.timm_models",
                     "vit": "sat_cli_plugins.vit_grid"}
+
+
+def test_cider_d_matches_pycocoevalcap_on_repeats_and_short_captions():
+    """CIDEr-D against pycocoevalcap where its details matter: repeated n-grams (the term frequency
+    and its clipping by the reference's), captions of one and two words (bigram length, no 3- or
+    4-grams), a caption equal to a reference and one sharing nothing."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from sat_cli.evaluation.cider import CiderD
+
+    refs = {0: ["a dog runs on the grass", "a brown dog running", "dog on grass"],
+            1: ["a man rides a red bike", "a cyclist on a road", "man riding bicycle"],
+            2: ["two cats sleep on a sofa", "cats on a couch", "two cats sleeping"],
+            3: ["a dog and a dog and a cat", "dogs playing with a cat", "a cat and two dogs"]}
+    cases = [{0: "dog dog dog dog", 1: "a man a man a man", 2: "cats", 3: "a dog and a dog"},
+             {0: "dog", 1: "man riding", 2: "two cats sleeping", 3: "a dog and a dog and a cat"},
+             {0: "a dog runs on the grass on the grass on the grass", 1: "red", 2: "a sofa", 3: "zebra"}]
+    mine = CiderD([[r.split() for r in refs[k]] for k in range(4)])
+    for hyps in cases:
+        reference, per_image = Cider().compute_score(refs, {k: [v] for k, v in hyps.items()})
+        scores = [mine.score(hyps[k].split(), k) for k in range(4)]
+        assert scores == pytest.approx(list(per_image), rel=1e-9, abs=1e-12), hyps
+        assert sum(scores) / 4 == pytest.approx(reference, rel=1e-9)
