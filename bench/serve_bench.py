@@ -10,7 +10,8 @@ may be shared); asserts nothing.
    (--no-sat-caption skips it).
 2. `sat serve` (a real server process, default options plus --server-arg): after a warm-up, one
    client on the idle server, one photo at a time (up to 40 photos): p50 and p90 ms per photo
-   (target < 150 ms).
+   (target < 150 ms), once over a plain socket (as curl or PhotoPrism's Go client send it) and once
+   with httpx (which adds ~45 ms a request of its own here).
 3. --clients (1, 4, 16) concurrent clients, each a process of its own (--client-threads: threads of
    this process), posting one photo per request to /v1/caption: images/s, p50/p90/p99 latency per
    photo; from /healthz: batch sizes, why batches closed, ms per image waiting for a decoding
@@ -59,6 +60,37 @@ def photos(n: int) -> list[Path]:
     return [DATA / im["filepath"] / im["filename"] for im in images if im["split"] == "val"][:n]
 
 
+def plain_latencies(url: str, paths: list[Path]) -> dict:
+    """One photo at a time over a plain socket (the request in one write, the whole answer read, as
+    curl or Go's client see it): p50/p90 ms per photo. httpx, the other rows' client, adds ~45 ms a
+    request of its own on this machine (measured against this and curl on one photo)."""
+    import re
+
+    host, port = url.removeprefix("http://").split(":")
+    times = []
+    for p in paths:
+        body = (b'--XX\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+                b"Content-Type: image/jpeg\r\n\r\n" + p.read_bytes() + b"\r\n--XX--\r\n")
+        request = (b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; "
+                   b"boundary=XX\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+        started = time.perf_counter()
+        with socket.create_connection((host, int(port))) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += s.recv(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            if b" 200 " not in head.split(b"\r\n")[0]:
+                raise SystemExit(f"plain client: {head[:200]!r}")
+            size = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+            while len(rest) < size:
+                rest += s.recv(65536)
+        times.append(time.perf_counter() - started)
+    q = statistics.quantiles([t * 1000 for t in times], n=10)
+    return {"images": len(times), "p50_ms": round(statistics.median(times) * 1000, 1), "p90_ms": round(q[8], 1)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,10 +134,20 @@ def start_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen,
     raise SystemExit("the server did not start")
 
 
+def http_client() -> httpx.Client:
+    """The benchmark's HTTP client: TCP_NODELAY set, as curl and Go's net/http (PhotoPrism) do. httpx
+    and requests leave Nagle's algorithm on: their body, written after the headers, then waits for
+    the server's delayed ACK, ~40 ms a request on Linux (--nagle measures that)."""
+    if os.environ.get("SAT_BENCH_NAGLE"):
+        return httpx.Client(timeout=120)
+    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    return httpx.Client(timeout=120, transport=httpx.HTTPTransport(socket_options=nodelay))
+
+
 def _post_each(url: str, blobs: list[bytes], indices: range) -> tuple[list[float], float]:
     """One client: posts its photos one at a time; (latencies in s, its CPU seconds)."""
     latencies, cpu = [], time.process_time()
-    with httpx.Client(timeout=120) as http:
+    with http_client() as http:
         for i in indices:
             t = time.perf_counter()
             r = http.post(url + "/v1/caption", files=[("image", (f"{i}.jpg", blobs[i]))])
@@ -219,7 +261,7 @@ def soak(url: str, pid: int, paths: list[Path], seconds: float, n_clients: int, 
 
     def client(k: int):
         rng = random.Random(k)
-        with httpx.Client(timeout=120) as http:
+        with http_client() as http:
             while time.monotonic() < stop:
                 kind = rng.choice(["photoprism", "ollama", "sat"])
                 roll = rng.random()
@@ -289,8 +331,12 @@ def main():
                         help="extra `sat serve` option, repeatable: --server-arg=--workers=4")
     parser.add_argument("--soak", type=float, default=120, help="soak seconds (0: none)")
     parser.add_argument("--soak-clients", type=int, default=8)
+    parser.add_argument("--nagle", action="store_true",
+                        help="clients keep Nagle's algorithm on (httpx's default): ~40 ms more per request")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.nagle:
+        os.environ["SAT_BENCH_NAGLE"] = "1"  # client processes inherit it
     paths = photos(args.images)
     out = {"machine": {"cpus": os.cpu_count(), "uptime_at_start": uptime()}, "server_args": args.server_arg}
     if not args.no_sat_caption:
@@ -306,6 +352,9 @@ def main():
     proc, url = start_server(args.model, ["--max-body", str(max_body), *args.server_arg])
     try:
         clients(url, proc.pid, paths[:8], 1)  # warm-up
+        plain = out["idle_plain_client"] = plain_latencies(url, paths[:40])
+        print(f"idle server, 1 plain-socket client, {plain['images']} photos one at a time: p50 {plain['p50_ms']} ms, "
+              f"p90 {plain['p90_ms']} ms per photo (target < 150 ms)", file=sys.stderr)
         idle = out["idle_one_client"] = clients(url, proc.pid, paths[:40], 1)
         print(f"idle server, 1 client, {idle['images']} photos one at a time: p50 {idle['p50_ms']} ms, "
               f"p90 {idle['p90_ms']} ms per photo (target < 150 ms); server CPU {idle['server_cpu_ms_per_image']} ms "
