@@ -49,6 +49,11 @@ def dump(db) -> list:
                 "SELECT * FROM captions ORDER BY id", "SELECT * FROM attention_maps ORDER BY caption_id",
                 "SELECT rowid, text FROM captions_fts ORDER BY rowid"):
         rows.append(db.execute(sql).fetchall())
+    # the full-text index itself, not only the rows it reads from: what a search finds, and
+    # FTS5's own check that the index agrees with the captions
+    rows.append(db.execute("SELECT rowid FROM captions_fts WHERE captions_fts MATCH 'dog OR grass OR cafe' "
+                           "ORDER BY rowid").fetchall())
+    db.execute("INSERT INTO captions_fts(captions_fts) VALUES ('integrity-check')")
     return rows
 
 
