@@ -167,6 +167,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of a process's threads, summed by OS thread name (`sat serve` names its
+    model thread, which torch's OpenMP workers it starts inherit, and its decoding threads);
+    "main" is the event loop (the thread whose id is the process's)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = "main" if task.name == str(pid) else comm
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def clients(url: str, pid: int, paths: list[Path], n_clients: int, processes: bool = False) -> dict:
     """Each client posts its share of ``paths`` one at a time (threads of this process, or with
     ``processes`` one process each, so no client waits on another's GIL); images/s, per-photo
@@ -175,7 +191,7 @@ def clients(url: str, pid: int, paths: list[Path], n_clients: int, processes: bo
 
     blobs = [p.read_bytes() for p in paths]
     shares = [range(k, len(blobs), n_clients) for k in range(n_clients)]
-    before, server_cpu = httpx.get(url + "/healthz").json(), cpu_seconds(pid)
+    before, server_cpu, threads = httpx.get(url + "/healthz").json(), cpu_seconds(pid), thread_cpu(pid)
     started = time.perf_counter()
     if processes:
         ctx = multiprocessing.get_context("fork")
@@ -195,6 +211,7 @@ def clients(url: str, pid: int, paths: list[Path], n_clients: int, processes: bo
             done.append(([], time.process_time() - cpu))  # the threads' CPU is the whole process's
     seconds = time.perf_counter() - started
     after, server_cpu = httpx.get(url + "/healthz").json(), cpu_seconds(pid) - server_cpu
+    threads = {k: v - threads.get(k, 0.0) for k, v in thread_cpu(pid).items()}
     latencies = sorted(x for lat, _ in done for x in lat)
     n = len(latencies)
     b0, b1 = before["batching"], after["batching"]
@@ -217,6 +234,8 @@ def clients(url: str, pid: int, paths: list[Path], n_clients: int, processes: bo
                                               / max(1, requests), 1),
             "ms_at_client_per_request": round(1000 * sum(latencies) / max(1, n), 1),
             "server_cpu_ms_per_image": round(1000 * server_cpu / max(1, n), 1),
+            "server_cpu_ms_per_image_by_thread": {k: round(1000 * v / max(1, n), 1)
+                                                  for k, v in sorted(threads.items()) if v},
             "client_cpu_ms_per_image": round(1000 * sum(c for _, c in done) / max(1, n), 1),
             "p50_ms": round(1000 * statistics.median(latencies), 1),
             "p90_ms": round(1000 * latencies[min(n - 1, int(0.9 * n))], 1),
@@ -316,7 +335,7 @@ def row_line(row: dict) -> str:
             f"{row['ms_per_image_queued']} ms; {row['ms_per_model_call']} ms per model call; "
             f"{row['ms_in_server_per_request']} ms in the server vs {row['ms_at_client_per_request']} ms at the client "
             f"per request; CPU per image: server {row['server_cpu_ms_per_image']} ms, "
-            f"clients {row['client_cpu_ms_per_image']} ms  [{row['uptime']}]")
+            f"clients {row['client_cpu_ms_per_image']} ms; server by thread {row['server_cpu_ms_per_image_by_thread']}  [{row['uptime']}]")
 
 
 def main():

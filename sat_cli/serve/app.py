@@ -47,7 +47,10 @@ class Service:
 
         self.model, self.batcher, self.options, self.gate = model, batcher, options, gate
         self.sources = Sources(model.preprocess.size, model.preprocess.interpolation)
-        self.pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="sat-decode")
+        from ..runtime import name_thread
+
+        self.pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="sat-decode",
+                                       initializer=name_thread, initargs=("sat-decode",))
         self.info = model_info(model)
 
     def decode(self, upload: Upload, sent: float):

@@ -161,6 +161,9 @@ class Batcher:
         stats.queued_s += sum((now - j.queued) * len(j.results) for j in jobs)
 
     def _run(self) -> None:
+        from ..runtime import name_thread
+
+        name_thread("sat-model")  # bench/serve_bench.py reads each thread's CPU by name
         try:
             self.store = self.store_factory() if self.store_factory else None
         except BaseException as exc:
