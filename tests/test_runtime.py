@@ -93,3 +93,21 @@ def test_stop_signal(interrupt):
             with pytest.raises(KeyboardInterrupt):  # a second one aborts
                 os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names in /proc: Linux")
+def test_name_thread_sets_the_os_name_that_top_and_the_serve_bench_read():
+    import threading
+
+    from sat_cli.runtime import name_thread
+
+    seen = {}
+
+    def body():
+        name_thread("sat-model-and-more-than-15")  # the kernel keeps 15 bytes
+        seen["comm"] = open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip()
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen["comm"] == "sat-model-and-m"
