@@ -3,6 +3,7 @@
   python bench/train_bench.py                 # both parts
   python bench/train_bench.py --only cache    # cache | epoch | speed
   python bench/train_bench.py --only speed --baseline ../base   # this checkout vs another (e.g. db0e2c2)
+  python bench/train_bench.py --only speed --baseline ../base --precision bf16   # this one's bf16 products
 
 1. cache: training samples/s reading cached features vs re-running the frozen encoder
    (tf_efficientnet_lite0) on the images at every step; same data (the shared train split), same
@@ -161,7 +162,11 @@ def speed_worker(root: str, data: str, steps: int, image_size: int):
 
     import os
 
-    extra = {"batching": os.environ["SAT_BENCH_BATCHING"]} if os.environ.get("SAT_BENCH_BATCHING") and Path(root).resolve() == ROOT else {}
+    extra = {}
+    if Path(root).resolve() == ROOT:  # options of this checkout only (the baseline may not have them)
+        for option, env in (("batching", "SAT_BENCH_BATCHING"), ("precision", "SAT_BENCH_PRECISION")):
+            if os.environ.get(env):
+                extra[option] = os.environ[env]
     cfg = TrainConfig(data=data, out=str(OUT / "speed_run"), cache_dir=str(CACHE), quiet=True, meteor=False,
                       image_size=image_size, **extra)
     t = Trainer(cfg)
@@ -222,7 +227,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="speed: interleaved rounds.")
     ap.add_argument("--image-size", type=int, default=384, help="speed: encoder input size (384: a 12x12 grid).")
     ap.add_argument("--cache-dir", type=Path, default=CACHE, help="Feature cache (default: bench/out/cache).")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                    help="speed: `sat train --precision` of this checkout (bf16 on the CPU: bf16 matrix products)")
     args = ap.parse_args()
+    if args.precision:
+        os.environ["SAT_BENCH_PRECISION"] = args.precision
     CACHE = args.cache_dir
     from sat_cli.runtime import keep_freed_memory
 

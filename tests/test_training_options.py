@@ -96,3 +96,26 @@ def test_a_mixed_val_split_is_scored_per_part_on_its_own(two_sources, tmp_path):
     everything = score_captions(refs, hyps, meteor=False)
     assert scores["CIDEr"] == pytest.approx(everything["CIDEr"])
     assert not any(k.startswith("CIDEr ") and k.split(" ", 1)[1] not in ("coco", "flickr8k") for k in scores)
+
+
+def test_precision_bf16_on_the_cpu_trains_with_bf16_products_and_caches_fp32_features(small_set, tmp_path):
+    """--precision bf16 on the CPU: the decoder's products run in bf16, the loss falls as in fp32,
+    and the feature cache is the fp32 one (an fp32 run afterwards computes nothing new)."""
+    from sat_cli.features import FeatureCache
+
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        cfg = tiny_config(small_set, tmp_path, epochs=2, precision=precision, device="cpu")
+        cfg.out = str(tmp_path / precision)
+        cfg.cache_dir = str(tmp_path / "cache")
+        t = Trainer(cfg)
+        t.setup()
+        assert t.products == (torch.bfloat16 if precision == "bf16" else None)
+        files = sorted(p.name for p in (tmp_path / "cache").rglob("*.npy"))
+        t.run()
+        runs[precision] = ([json.loads(line)["train_loss"] for line in (tmp_path / precision / "metrics.jsonl")
+                            .read_text().splitlines()], files)
+    assert runs["bf16"][1] == runs["fp32"][1]  # the fp32 run found every feature the bf16 run cached
+    bf16, fp32 = runs["bf16"][0], runs["fp32"][0]
+    assert bf16[1] < bf16[0] and fp32[1] < fp32[0]
+    assert bf16 != fp32 and bf16[-1] == pytest.approx(fp32[-1], rel=0.05)

@@ -132,7 +132,7 @@ class Decoder(nn.Module):
         h, c, alpha, _ = self.advance(features, enc_proj, self.embedding(tokens), h, c)
         return self.fc(self.dropout(h)), h, c, alpha
 
-    def forward(self, features, captions, lengths=None, sample=None, photo=None):
+    def forward(self, features, captions, lengths=None, sample=None, photo=None, products=None):
         """Teacher forcing. features (B, P, C); captions (B, T) starting with <start>.
 
         ``photo`` (B,) long: caption b describes photo ``photo[b]`` of features (I, P, C); the
@@ -144,7 +144,9 @@ class Decoder(nn.Module):
         alphas (B, T-1, P), zero past a caption's end, and for hard-attention training
         (``sample``: (B,) bool, the rows that read sampled locations) the log-probability of each
         sampled location (B, T-1), else None. The output layer runs once, on all positions
-        together, after the recurrence.
+        together, after the recurrence. ``products`` (soft attention): None, or torch.bfloat16 for
+        the matrix products of teacher forcing and the output layer (fp32 accumulation; see
+        :mod:`sat_cli.model.teacher`).
         """
         B, T = captions.shape
         steps = [T - 1] * B if lengths is None else [int(n) - 1 for n in lengths]
@@ -152,14 +154,19 @@ class Decoder(nn.Module):
         if sample is None and self.config.attention == "soft" and steps == sorted(steps, reverse=True):
             from .teacher import teacher_forcing
 
-            hs, alphas = teacher_forcing(self, features, captions, steps, photo)
+            hs, alphas = teacher_forcing(self, features, captions, steps, photo, products)
             loc_logps = None
         else:
+            products = None  # the step-by-step reference stays fp32
             if photo is not None:
                 features = features[photo]
             hs, alphas, loc_logps = self.stepwise(features, captions, steps, sample)
         mask = torch.arange(T1, device=captions.device).unsqueeze(0) < torch.tensor(steps, device=captions.device).unsqueeze(1)
-        return self.fc(self.dropout(hs[mask])), alphas, loc_logps
+        if products is None:
+            return self.fc(self.dropout(hs[mask])), alphas, loc_logps
+        from .teacher import linear
+
+        return linear(self.dropout(hs[mask]), self.fc.weight, self.fc.bias, products), alphas, loc_logps
 
     def stepwise(self, features, captions, steps: list[int], sample=None):
         """Teacher forcing one ``advance`` at a time (hard attention; the reference for

@@ -13,6 +13,10 @@ as stepping ``Decoder.advance`` word by word, up to float rounding, in fewer and
   that stay in the cache: it never keeps the (rows, P, A) tensor for the backward pass (it is
   recomputed slice by slice) and adds its gradient for the encoder projection into one buffer
   shared by all steps.
+- ``products=torch.bfloat16`` (CPUs with AMX, ``sat train --precision auto|bf16``): the matrix
+  products (encoder projection, word gates, the per-step products and their deferred weight
+  gradients, the context read) take bf16 inputs and accumulate in fp32; weights are cast once per
+  batch, the LSTM state, the attention energy and softmax stay fp32.
 """
 
 from __future__ import annotations
@@ -23,12 +27,22 @@ import torch.nn.functional as F
 SLICE_FLOATS = 1 << 19  # 2 MB of float32 per slice of the energy: stays in the L2 cache
 
 
+def linear(x, weight, bias=None, products=None):
+    """F.linear, or with ``products`` (a dtype) its product in that dtype, the bias added in fp32."""
+    if products is None:
+        return F.linear(x, weight, bias)
+    out = F.linear(x.to(products), weight.to(products)).float()
+    return out if bias is None else out + bias
+
+
 class _Bank:
     """What the steps leave for a deferred gradient: the encoder projection's gradient summed over
-    steps (``grad``), or the (input, output gradient) pairs of a per-step matrix product."""
+    steps (``grad``), or the (input, output gradient) pairs of a per-step matrix product (kept in
+    ``products``' dtype when given)."""
 
-    def __init__(self):
+    def __init__(self, products=None):
         self.grad = None
+        self.products = products
         self.inputs, self.grads = [], []
 
 
@@ -47,6 +61,8 @@ class _Collect(torch.autograd.Function):
         bank = ctx.bank
         if ctx.kind == "weight":  # (out, in) = sum over steps of grad_t^T @ input_t, in one product
             total = torch.cat(bank.grads).t().mm(torch.cat(bank.inputs)) if bank.grads else None
+            if total is not None and bank.products is not None:
+                total = total.float()
             bank.inputs, bank.grads = [], []
         else:
             total, bank.grad = bank.grad, None
@@ -56,20 +72,29 @@ class _Collect(torch.autograd.Function):
 
 
 class _Linear(torch.autograd.Function):
-    """x @ weight.T whose weight gradient is deferred to the weight's :class:`_Collect`."""
+    """x @ weight.T whose weight gradient is deferred to the weight's :class:`_Collect`; with the
+    bank's ``products`` dtype, ``low`` is the weight already cast to it (once per batch)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bank):
+    def forward(ctx, x, weight, low, bank):
+        dt = bank.products
+        if dt is not None:
+            x, weight = x.to(dt), low
         ctx.save_for_backward(x, weight)
         ctx.bank = bank
-        return x.mm(weight.t())
+        out = x.mm(weight.t())
+        return out if dt is None else out.float()
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        dt = ctx.bank.products
+        if dt is not None:
+            grad = grad.to(dt)
         ctx.bank.inputs.append(x)
         ctx.bank.grads.append(grad)
-        return grad.mm(weight), None, None
+        out = grad.mm(weight)
+        return (out if dt is None else out.float()), None, None, None
 
 
 class _Energy(torch.autograd.Function):
@@ -116,13 +141,14 @@ class _Energy(torch.autograd.Function):
         return None, grad_h, grad_w, grad_e.sum(), None, None
 
 
-def teacher_forcing(decoder, features, captions, steps: list[int], photo=None):
+def teacher_forcing(decoder, features, captions, steps: list[int], photo=None, products=None):
     """Soft-attention teacher forcing -> hs (B, T1, D) hidden states, alphas (B, T1, P), zero
     past each caption's end.
 
     features (I, P, C), one grid per photo; captions (B, T); ``steps`` (B,): predicted words per
     caption, sorted longest first; ``photo`` (B,) long: which photo each caption describes
-    (default: caption b describes photo b, I = B).
+    (default: caption b describes photo b, I = B); ``products``: None (fp32) or torch.bfloat16,
+    the dtype of the matrix products' inputs (see the module's docstring).
     """
     cfg = decoder.config
     B = captions.shape[0]
@@ -137,17 +163,21 @@ def teacher_forcing(decoder, features, captions, steps: list[int], photo=None):
         mean = features.mean(dim=1)[photo]
         h, c = decoder.init_h(mean), decoder.init_c(mean)
     proj_bank = _Bank()
-    enc_proj = _Collect.apply(att.encoder_att(features), proj_bank, "grad")  # (I, P, A), once per photo
+    enc_proj = _Collect.apply(linear(features, att.encoder_att.weight, att.encoder_att.bias, products), proj_bank,
+                              "grad")  # (I, P, A), once per photo
+    grid_features = None if products is None else features.to(products)
     # each caption's slot among its photo's captions, so one (I, S, P) x (I, P, C) product reads every grid once
     slot = _slots(photo)
     S = int(slot.max()) + 1
     w_ih = lstm.weight_ih  # (4D, E + C)
-    word_gates = F.linear(decoder.embedding(captions[:, :T1]).transpose(0, 1), w_ih[:, :E],
-                          lstm.bias_ih + lstm.bias_hh).unbind(0)  # T1 x (B, 4D)
-    ctx_bank, h_bank = _Bank(), _Bank()
+    word_gates = linear(decoder.embedding(captions[:, :T1]).transpose(0, 1), w_ih[:, :E],
+                        lstm.bias_ih + lstm.bias_hh, products).unbind(0)  # T1 x (B, 4D)
+    ctx_bank, h_bank = _Bank(products), _Bank(products)
     w_context = _Collect.apply(w_ih[:, E:], ctx_bank, "weight")  # (4D, C)
     w_h = _Collect.apply(torch.cat([lstm.weight_hh, decoder.f_beta.weight, att.decoder_att.weight]), h_bank,
                          "weight")  # (4D + C + A, D)
+    low_context, low_h = (None, None) if products is None else (w_context.detach().to(products),
+                                                                 w_h.detach().to(products))
     b_h = torch.cat([torch.zeros_like(lstm.bias_hh), decoder.f_beta.bias, att.decoder_att.bias])
     splits = (4 * D, C, cfg.attention_dim)
     w_e, b_e = att.full_att.weight.view(-1), att.full_att.bias.view(())
@@ -155,12 +185,15 @@ def teacher_forcing(decoder, features, captions, steps: list[int], photo=None):
     for t in range(T1):
         n = sum(1 for s in steps if s > t)  # rows still going (sorted longest first)
         rows = photo[:n]
-        gates_h, beta, att_h = (_Linear.apply(h[:n], w_h, h_bank) + b_h).split(splits, dim=-1)
+        gates_h, beta, att_h = (_Linear.apply(h[:n], w_h, low_h, h_bank) + b_h).split(splits, dim=-1)
         alpha = _Energy.apply(enc_proj, att_h, w_e, b_e, rows, proj_bank).softmax(dim=-1)  # (n, P)
         grid = alpha.new_zeros(features.shape[0], S, alpha.shape[1]).index_put((rows, slot[:n]), alpha)
-        read = torch.bmm(grid, features)[rows, slot[:n]]  # (n, C)
+        if products is None:
+            read = torch.bmm(grid, features)[rows, slot[:n]]  # (n, C)
+        else:
+            read = torch.bmm(grid.to(products), grid_features)[rows, slot[:n]].float()
         context = torch.sigmoid(beta) * read
-        gates = _Linear.apply(context, w_context, ctx_bank) + gates_h + word_gates[t][:n]
+        gates = _Linear.apply(context, w_context, low_context, ctx_bank) + gates_h + word_gates[t][:n]
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)

@@ -91,7 +91,9 @@ class TrainConfig:
     seed: int = opt(0, "Seeds initialisation, shuffling and dropout.")
     device: str = opt("auto", "auto picks CUDA, then MPS, then the CPU.", choices=("auto", "cpu", "cuda", "mps"))
     precision: str = opt("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16 with loss "
-                                 "scaling); fp32 elsewhere.", choices=("auto", "fp32", "fp16", "bf16"))
+                                 "scaling). On the CPU auto is fp32; bf16 runs the decoder's matrix products "
+                                 "in bf16 with fp32 accumulation (fast on CPUs with AMX), features stay fp32.",
+                         choices=("auto", "fp32", "fp16", "bf16"))
     workers: int | None = opt(None, "Image-decoding worker processes (default: one per spare core, up to 8).", min=0)
     cache_dir: str | None = opt(None, "Feature cache folder (default: $SAT_CACHE_DIR or ~/.cache/sat/features).",
                                 folder=True)

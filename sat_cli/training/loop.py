@@ -80,7 +80,7 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
             # hard attention: each caption reads sampled locations with probability 0.5, else
             # the expected context (Xu et al. 2015, section 4.1)
             sampled = (torch.rand(len(idx)) < 0.5).to(device) if cfg.attention == "hard" else None
-            logits, alphas, loc_logp = t.model(feats, caps, lengths.tolist(), sampled, photo)
+            logits, alphas, loc_logp = t.model(feats, caps, lengths.tolist(), sampled, photo, products=t.products)
             loss, ce = caption_loss(logits.float(), alphas.float(), caps, lengths, cfg.attention_lambda,
                                     cfg.label_smoothing, t.vocab.pad)
             if t.box_cover is not None and cfg.box_weight:

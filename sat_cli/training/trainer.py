@@ -82,6 +82,9 @@ class Trainer:
         self.device = device
         self.precision = resolve_precision(device, cfg.precision, training=True)
         self.scopes.enter_context(precision_scope(device, self.precision))
+        # On the CPU, bf16 means the decoder's matrix products in bf16 (AMX); features stay fp32
+        self.products = torch.bfloat16 if device.type == "cpu" and self.precision == "bf16" else None
+        self.encode_precision = "fp32" if device.type == "cpu" else self.precision
         dist.init(device)
         torch.manual_seed(cfg.seed)
         train, val = split_entries(cfg, self.say)
@@ -116,7 +119,7 @@ class Trainer:
         paths = sorted({e.path for e in train + val})
         self.workers = default_workers() if cfg.workers is None else cfg.workers
         shas = {}
-        for part in dist.gather(self.cache.build(paths, device, self.precision, workers=self.workers,
+        for part in dist.gather(self.cache.build(paths, device, self.encode_precision, workers=self.workers,
                                                  quiet=cfg.quiet or not dist.main, rank=dist.rank, world=dist.world)):
             shas.update(part)
         unreadable = [p for p in paths if shas.get(p) is None]
@@ -188,7 +191,7 @@ class Trainer:
         cache = FeatureCache(half, cfg.cache_dir)
         paths = sorted({e.path for e in self.train_entries})
         half_shas = {}
-        for part in self.dist.gather(cache.build(paths, self.device, self.precision, workers=self.workers,
+        for part in self.dist.gather(cache.build(paths, self.device, self.encode_precision, workers=self.workers,
                                                  quiet=cfg.quiet or not self.dist.main, rank=self.dist.rank,
                                                  world=self.dist.world)):
             half_shas.update(part)
@@ -196,7 +199,7 @@ class Trainer:
         from ..pipeline import encode
 
         grey = torch.full((1, 3, *half.preprocess.size), 128, dtype=torch.uint8)
-        blank = encode(half.to(self.device).eval(), grey, self.device, self.precision).cpu().to(tiles.dtype)
+        blank = encode(half.to(self.device).eval(), grey, self.device, self.encode_precision).cpu().to(tiles.dtype)
         return torch.cat([tiles, blank])
 
     def start_fine_tuning(self):
@@ -270,7 +273,7 @@ class Trainer:
         bs = 64
         if self.state["fine_tuning"]:  # features of the current encoder
             loaded = load_batches([e.path for e in self.val_entries], self.encoder.preprocess, bs, self.workers)
-            features = (encode(self.encoder, pixels, self.device, self.precision) for _, pixels in loaded)
+            features = (encode(self.encoder, pixels, self.device, self.encode_precision) for _, pixels in loaded)
         else:
             features = (self.val_feats[i : i + bs].to(self.device).float() for i in range(0, len(self.val_entries), bs))
         hyps = {}
