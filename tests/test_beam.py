@@ -162,10 +162,23 @@ def test_no_repeat_ngram(n):
     assert any(h.tokens.count(5) > 2 for hyps in plain for h in hyps)
     out = beam_search(dec, feats, DecodeSettings(beam_size=2, max_len=9, no_repeat_ngram=n), start=START, end=END,
                       blocked=BLOCKED)
+    assert len(out) == 3 and all(hyps for hyps in out)  # every photo still gets its captions
     for hyps in out:
         for h in hyps:
             grams = [tuple(h.tokens[i : i + n]) for i in range(len(h.tokens) - n + 1)]
             assert len(grams) == len(set(grams))
+            # only the repeats are banned: every word is still a real choice with a finite score
+            assert len(h.tokens) == 9 and math.isfinite(h.logprob) and h.logprob > -1e3
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_len=0), "max length must be at least 1"),
+    (dict(no_repeat_ngram=-1), "no-repeat-ngram must be 0 (off) or a positive n-gram size"),
+])
+def test_impossible_decode_settings_say_what_is_wrong(bad, message):
+    with pytest.raises(ValueError) as err:
+        DecodeSettings(**bad)
+    assert str(err.value) == message
 
 
 def test_length_penalty_score_formula():
