@@ -15,7 +15,7 @@ case $name in
   migrations) module=sat_cli/store/migrations.py
          tests='"tests/test_old_databases.py"' ;;
   writes) module=sat_cli/store/writes.py
-         tests='"tests/test_old_databases.py", "tests/test_store_errors.py", "tests/test_store_batches.py", "tests/test_caption.py::test_caption_folder_stores_captions_scores_nbest_and_attention", "tests/test_caption.py::test_rerun_skips_force_redoes_and_new_settings_recaption", "tests/test_caption.py::test_failures_are_rows_the_run_goes_on_and_exit_status_is_1", "tests/test_caption.py::test_same_content_twice_is_captioned_once", "tests/test_storage.py::test_a_database_locked_by_another_program", "tests/test_storage.py::test_read_only_database_and_folder", "tests/test_storage.py::test_a_damaged_database_gives_one_clear_message", "tests/test_storage.py::test_a_held_migration_lock_and_a_database_name_that_is_not_utf8"' ;;
+         tests='"tests/test_old_databases.py", "tests/test_store_errors.py", "tests/test_store_writes.py", "tests/test_store_batches.py", "tests/test_caption.py::test_caption_folder_stores_captions_scores_nbest_and_attention", "tests/test_caption.py::test_rerun_skips_force_redoes_and_new_settings_recaption", "tests/test_caption.py::test_failures_are_rows_the_run_goes_on_and_exit_status_is_1", "tests/test_caption.py::test_same_content_twice_is_captioned_once", "tests/test_storage.py::test_a_database_locked_by_another_program", "tests/test_storage.py::test_read_only_database_and_folder", "tests/test_storage.py::test_a_damaged_database_gives_one_clear_message", "tests/test_storage.py::test_a_held_migration_lock_and_a_database_name_that_is_not_utf8"' ;;
   *) echo "unknown module $name" >&2; exit 2 ;;
 esac
 rm -rf "$scratch"; mkdir -p "$scratch"
