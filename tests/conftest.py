@@ -88,3 +88,15 @@ def as_nobody() -> list[str]:
     if not shutil.which("setpriv"):
         pytest.skip("running as root without setpriv: cannot drop privileges to test permissions")
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def rows(db, sql, *params) -> list[dict]:
+    """Rows of a database file as another program sees them: a fresh sqlite3 connection."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql, params)]
+    finally:
+        conn.close()

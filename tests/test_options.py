@@ -4,13 +4,12 @@ sat search --run and --limit; sat eval --run."""
 
 import json
 import shutil
-import sqlite3
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import EXAMPLES, build_tiny_model
+from conftest import EXAMPLES, build_tiny_model, rows
 from sat_cli.cli.main import cli
 
 
@@ -37,15 +36,6 @@ def sat(*args, code=0):
 
 def caption(paths, db, model, *extra):
     return sat("caption", paths, "--db", db, "--model", model, "--workers", "0", "-q", *extra)
-
-
-def rows(db, sql, *params):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, params)]
-    finally:
-        conn.close()
 
 
 def captions_of(db, run=None):

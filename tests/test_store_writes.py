@@ -16,6 +16,7 @@ import pytest
 import sqlite_utils
 
 import sat_cli
+from conftest import rows
 from sat_cli.records import Caption, Result
 from sat_cli.store import writes
 from sat_cli.store.writes import StorageError, Store, open_db
@@ -33,12 +34,7 @@ def store(tmp_path):
 def read(store, sql, params=()) -> list[dict]:
     """Rows as another program sees them: a fresh sqlite3 connection to the store's file."""
     file = dict((name, file) for _, name, file in store.db.conn.execute("PRAGMA database_list"))["main"]
-    conn = sqlite3.connect(file)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, params)]
-    finally:
-        conn.close()
+    return rows(file, sql, *params)
 
 
 def sha(i: int) -> str:
@@ -72,17 +68,21 @@ def held(tmp_path):
     other.close()
 
 
-def test_a_store_names_its_database_and_timeout_when_the_database_is_locked(held):
-    """A Store on a database opened by open_db says which file is locked and how long it waited
-    (open_db's --db-timeout), not a generic name and default."""
-    db = open_db(held, timeout=0.05)
+def locked_write_message(db) -> str:
+    """The StorageError a Store on ``db`` raises when it starts a write (the database is held)."""
     try:
         with pytest.raises(StorageError) as info:
             with Store(db).write():
                 pass
     finally:
         db.close()
-    text = str(info.value)
+    return str(info.value)
+
+
+def test_a_store_names_its_database_and_timeout_when_the_database_is_locked(held):
+    """A Store on a database opened by open_db says which file is locked and how long it waited
+    (open_db's --db-timeout), not a generic name and default."""
+    text = locked_write_message(open_db(held, timeout=0.05))
     assert text.startswith(f"{held} is locked by another program")
     assert "waited 0.05 s" in text
 
@@ -91,14 +91,7 @@ def test_a_store_on_a_database_not_opened_by_open_db_still_gives_a_clear_message
     """A Store given any sqlite_utils Database (no path or timeout known) says "the database" and
     open_db's default timeout, instead of failing on the missing attributes."""
     default = inspect.signature(open_db).parameters["timeout"].default
-    db = sqlite_utils.Database(sqlite3.connect(held, timeout=0))
-    try:
-        with pytest.raises(StorageError) as info:
-            with Store(db).write():
-                pass
-    finally:
-        db.close()
-    text = str(info.value)
+    text = locked_write_message(sqlite_utils.Database(sqlite3.connect(held, timeout=0)))
     assert text.startswith("the database is locked by another program")
     assert f"waited {default:g} s" in text
 

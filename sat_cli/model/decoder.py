@@ -162,8 +162,6 @@ class Decoder(nn.Module):
                 features = features[photo]
             hs, alphas, loc_logps = self.stepwise(features, captions, steps, sample)
         mask = torch.arange(T1, device=captions.device).unsqueeze(0) < torch.tensor(steps, device=captions.device).unsqueeze(1)
-        if products is None:
-            return self.fc(self.dropout(hs[mask])), alphas, loc_logps
         from .teacher import linear
 
         return linear(self.dropout(hs[mask]), self.fc.weight, self.fc.bias, products), alphas, loc_logps

@@ -13,7 +13,7 @@ as stepping ``Decoder.advance`` word by word, up to float rounding, in fewer and
   that stay in the cache: it never keeps the (rows, P, A) tensor for the backward pass (it is
   recomputed slice by slice) and adds its gradient for the encoder projection into one buffer
   shared by all steps.
-- ``products=torch.bfloat16`` (CPUs with AMX, ``sat train --precision auto|bf16``): the matrix
+- ``products=torch.bfloat16`` (CPUs with AMX, ``sat train --precision bf16``): the matrix
   products (encoder projection, word gates, the per-step products and their deferred weight
   gradients, the context read) take bf16 inputs and accumulate in fp32; weights are cast once per
   batch, the LSTM state, the attention energy and softmax stay fp32.
