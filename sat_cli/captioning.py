@@ -114,6 +114,11 @@ def caption_to_db(model, inputs: list[str], db_path: str, settings: DecodeSettin
                 writer.drain()
             else:
                 _gather_rounds(dist, batches, writer, advance, summary)
+                # Every rank left the rounds together: tear the gloo group down now. A rank that
+                # exits with the group alive can abort in gloo's threads at interpreter exit
+                # ("terminate called without an active exception"; pytorch/pytorch#190489), which
+                # torchrun reports as a failed run. Not on failure: a barrier would wait for a dead rank.
+                dist.close()
         except _NothingToDo:
             pass
         except KeyboardInterrupt:

@@ -221,6 +221,55 @@ def test_a_rank_that_dies_is_reported_and_a_rerun_finishes(tmp_path, tiny_model)
     assert sqlite_utils.Database(db_path)["results"].count == 60 and sqlite_utils.Database(db_path)["images"].count == 60
 
 
+class _TwoRanks:
+    """Rank 0 of a two-rank run whose rank 1 has no photos: collectives answer locally, and what
+    the run asks of the process group is recorded."""
+
+    rank, world, local_rank, main = 0, 2, 0, True
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = [], fail_at
+
+    def init_objects(self):
+        self.calls.append("init")
+
+    def gather_to_main(self, obj):
+        self.calls.append("gather")
+        if self.calls.count("gather") == self.fail_at:
+            raise RuntimeError("Connection closed by peer")  # what gloo raises when rank 1 is gone
+        return [obj, None]
+
+    def broadcast(self, obj):
+        return obj
+
+    def close(self):
+        self.calls.append("close")
+
+
+def test_ranks_tear_the_process_group_down_after_the_last_round_but_not_after_a_failure(photos, tmp_path, tiny_model):
+    """A rank that exits with its gloo group alive can abort at interpreter exit ("terminate called
+    without an active exception"), and torchrun then reports the whole run failed: the group is
+    destroyed once the rounds end, and left alone when a rank failed (its barrier would wait for a
+    dead rank)."""
+    import torch
+
+    from sat_cli.captioning import CaptionOptions, caption_to_db
+    from sat_cli.model.beam import DecodeSettings
+    from sat_cli.model.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tiny_model).for_inference(torch.device("cpu"))
+    options = CaptionOptions(batch_size=1, workers=0, quiet=True)
+    ok = _TwoRanks()
+    summary = caption_to_db(model, [str(photos)], str(tmp_path / "ok.db"), DecodeSettings(), options, dist=ok)
+    assert ok.calls[-1] == "close" and ok.calls.count("close") == 1 and ok.calls.count("gather") >= 2
+    assert summary.captioned == sqlite_utils.Database(tmp_path / "ok.db")["results"].count > 0
+    failing = _TwoRanks(fail_at=2)
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        caption_to_db(model, [str(photos)], str(tmp_path / "bad.db"), DecodeSettings(), options, dist=failing)
+    assert "close" not in failing.calls
+    assert sqlite_utils.Database(tmp_path / "bad.db")["runs"].get(1)["status"] == "failed"
+
+
 def test_default_model_captions_the_examples(tmp_path):
     """No --model: the model shipped in the package (real weights, offline Lite0 encoder)."""
     result = run("caption", EXAMPLES, "--db", tmp_path / "ex.db", "--workers", "0", "--print", "-q")
