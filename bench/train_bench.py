@@ -4,6 +4,7 @@
   python bench/train_bench.py --only cache    # cache | epoch | speed
   python bench/train_bench.py --only speed --baseline ../base   # this checkout vs another (e.g. db0e2c2)
   python bench/train_bench.py --only speed --baseline ../base --precision bf16   # this one's bf16 products
+  python bench/train_bench.py --only speed --baseline ../base --precision bf16 --grid-dim 512   # and a projected grid
 
 1. cache: training samples/s reading cached features vs re-running the frozen encoder
    (tf_efficientnet_lite0) on the images at every step; same data (the shared train split), same
@@ -164,9 +165,10 @@ def speed_worker(root: str, data: str, steps: int, image_size: int):
 
     extra = {}
     if Path(root).resolve() == ROOT:  # options of this checkout only (the baseline may not have them)
-        for option, env in (("batching", "SAT_BENCH_BATCHING"), ("precision", "SAT_BENCH_PRECISION")):
+        for option, env in (("batching", "SAT_BENCH_BATCHING"), ("precision", "SAT_BENCH_PRECISION"),
+                            ("grid_dim", "SAT_BENCH_GRID_DIM")):
             if os.environ.get(env):
-                extra[option] = os.environ[env]
+                extra[option] = int(os.environ[env]) if option == "grid_dim" else os.environ[env]
     cfg = TrainConfig(data=data, out=str(OUT / "speed_run"), cache_dir=str(CACHE), quiet=True, meteor=False,
                       image_size=image_size, **extra)
     t = Trainer(cfg)
@@ -229,9 +231,13 @@ def main():
     ap.add_argument("--cache-dir", type=Path, default=CACHE, help="Feature cache (default: bench/out/cache).")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                     help="speed: `sat train --precision` of this checkout (bf16 on the CPU: bf16 matrix products)")
+    ap.add_argument("--grid-dim", type=int,
+                    help="speed: `sat train --grid-dim` of this checkout (the grid projected to this width)")
     args = ap.parse_args()
     if args.precision:
         os.environ["SAT_BENCH_PRECISION"] = args.precision
+    if args.grid_dim is not None:
+        os.environ["SAT_BENCH_GRID_DIM"] = str(args.grid_dim)
     CACHE = args.cache_dir
     from sat_cli.runtime import keep_freed_memory
 

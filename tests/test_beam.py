@@ -31,6 +31,7 @@ def make_features(n, P=9, C=24, seed=1):
 
 def greedy(decoder, features, max_len):
     """Reference greedy decoding, one image, one word at a time."""
+    features = decoder.prepare(features)
     h, c, proj = decoder.init_state(features)
     h, c = h.unsqueeze(1), c.unsqueeze(1)
     token, words, logprob = START, [], 0.0
@@ -49,6 +50,7 @@ def greedy(decoder, features, max_len):
 
 def sequence_logprob(decoder, features, seq):
     """log P(seq) under the model with the blocked tokens masked, by teacher forcing."""
+    features = decoder.prepare(features)
     h, c, proj = decoder.init_state(features)
     h, c = h.unsqueeze(1), c.unsqueeze(1)
     total, prev = 0.0, START
@@ -62,8 +64,9 @@ def sequence_logprob(decoder, features, seq):
     return total
 
 
-def test_beam_one_equals_greedy():
-    dec = make_decoder(end_bias=2.0)
+@pytest.mark.parametrize("config", [{}, {"grid_dim": 8}])  # the grid as it is, or projected to 8 channels
+def test_beam_one_equals_greedy(config):
+    dec = make_decoder(end_bias=2.0, **config)
     feats = make_features(8)
     out = beam_search(dec, feats, DecodeSettings(beam_size=1, max_len=15), start=START, end=END, blocked=BLOCKED)
     finished = 0
@@ -226,13 +229,13 @@ def test_settings_validation_and_key():
     assert DecodeSettings(beam_size=3).key() != DecodeSettings(beam_size=3, length_penalty=0.5).key()
 
 
-@pytest.mark.parametrize("config", [{}, {"attention": "hard", "hard_inference": "argmax"}])
+@pytest.mark.parametrize("config", [{}, {"attention": "hard", "hard_inference": "argmax"}, {"grid_dim": 8}])
 @pytest.mark.parametrize("expected_steps", [0, 10**6])  # embedding product at every step, or a word table
 @pytest.mark.parametrize("slice_floats", [1 << 19, 500, 0])  # one energy slice, many, or unsliced (GPU path)
 def test_inference_step_matches_decoder_step(monkeypatch, slice_floats, expected_steps, config):
     monkeypatch.setattr(InferenceStep, "SLICE_FLOATS", slice_floats)
     dec = make_decoder(end_bias=1.0, **config)
-    feats = make_features(4)
+    feats = dec.prepare(make_features(4))
     h0, c0, proj = dec.init_state(feats)
     g = torch.Generator().manual_seed(2)
     h = h0.unsqueeze(1) + 0.1 * torch.randn(4, 3, 32, generator=g)  # three different hypotheses per image

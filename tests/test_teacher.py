@@ -31,10 +31,11 @@ def loss_and_grads(dec, feats, caps, lengths, photo, fast, lam):
     dec.zero_grad()
     feats = feats.clone().requires_grad_(True)  # as when the encoder is fine-tuned
     steps = [int(n) - 1 for n in lengths]
+    grid = dec.prepare(feats)  # --grid-dim: projected once per photo
     if fast:
-        hs, alphas = teacher.teacher_forcing(dec, feats, caps, steps, photo)
+        hs, alphas = teacher.teacher_forcing(dec, grid, caps, steps, photo)
     else:
-        hs, alphas, _ = dec.stepwise(feats[photo], caps, steps)
+        hs, alphas, _ = dec.stepwise(grid[photo], caps, steps)
     mask = torch.arange(max(steps))[None] < torch.tensor(steps)[:, None]
     loss, _ = caption_loss(dec.fc(hs[mask]), alphas, caps, lengths, lam, 0.1, 0)
     loss.backward()
@@ -42,13 +43,14 @@ def loss_and_grads(dec, feats, caps, lengths, photo, fast, lam):
     return loss.detach(), alphas.detach(), grads, feats.grad.clone()
 
 
-@pytest.mark.parametrize("init_state", ["mean", "zero"])
+@pytest.mark.parametrize("init_state,grid_dim", [("mean", 0), ("zero", 0), ("mean", 10)])
 @pytest.mark.parametrize("lam", [1.0, 0.0])
-def test_fast_teacher_forcing_matches_the_step_by_step_reference(monkeypatch, init_state, lam):
+def test_fast_teacher_forcing_matches_the_step_by_step_reference(monkeypatch, init_state, grid_dim, lam):
     monkeypatch.setattr(teacher, "SLICE_FLOATS", 300)  # several slices of the energy per step
     torch.manual_seed(0)
     dec = Decoder(DecoderConfig(vocab_size=40, encoder_dim=24, embed_dim=12, attention_dim=20, decoder_dim=16,
-                                dropout=0.0, init_state=init_state)).double()
+                                dropout=0.0, init_state=init_state, grid_dim=grid_dim)).double()
+    assert ("grid_proj.weight" in dict(dec.named_parameters())) == bool(grid_dim)
     for seed in range(3):
         feats, caps, lengths, photo = batch(seed)
         feats = feats.double()
@@ -129,3 +131,26 @@ def test_bf16_products_follow_fp32_teacher_forcing_closely():
             continue
         cos = torch.nn.functional.cosine_similarity(low[3][name].flatten(), g.flatten(), dim=0)
         assert cos > 0.99, name
+
+
+def test_grid_dim_projects_each_photo_once_and_every_path_reads_the_projection():
+    """--grid-dim: the decoder reads a learned projection of the grid (grid_dim channels wide):
+    forward equals the step-by-step reference reading the grid projected by hand, and the
+    projection is learned (it gets a gradient)."""
+    torch.manual_seed(3)
+    dec = Decoder(DecoderConfig(vocab_size=40, encoder_dim=24, embed_dim=12, attention_dim=20, decoder_dim=16,
+                                dropout=0.0, grid_dim=6)).double()
+    assert dec.lstm.weight_ih.shape == (64, 12 + 6) and dec.f_beta.out_features == 6
+    feats, caps, lengths, photo = batch(11)
+    feats = feats.double()
+    fast, alphas, _ = dec(feats, caps, lengths.tolist(), None, photo)
+    fast.sum().backward()
+    assert dec.grid_proj.weight.grad.abs().sum() > 0
+    projected = dec.grid_proj(feats[photo])
+    steps = (lengths - 1).tolist()
+    hs, ref_alphas, _ = dec.stepwise(projected, caps, steps)
+    torch.testing.assert_close(alphas, ref_alphas)
+    mask = torch.arange(max(steps))[None] < torch.tensor(steps)[:, None]
+    torch.testing.assert_close(fast, dec.fc(hs[mask]))
+    with pytest.raises(ValueError, match="grid_dim"):
+        DecoderConfig(vocab_size=40, encoder_dim=24, grid_dim=-1)

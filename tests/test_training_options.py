@@ -119,3 +119,31 @@ def test_precision_bf16_on_the_cpu_trains_with_bf16_products_and_caches_fp32_fea
     bf16, fp32 = runs["bf16"][0], runs["fp32"][0]
     assert bf16[1] < bf16[0] and fp32[1] < fp32[0]
     assert bf16 != fp32 and bf16[-1] == pytest.approx(fp32[-1], rel=0.05)
+
+
+def test_grid_dim_trains_a_projected_grid_that_saves_loads_resumes_and_captions(small_set, tmp_path):
+    """--grid-dim: the run learns a projection of the grid; best/ records it, loads and captions a
+    photo with it; --resume and --init-from keep it."""
+    import sat_cli
+    from safetensors import safe_open
+
+    t = Trainer(tiny_config(small_set, tmp_path, epochs=1, grid_dim=16))
+    t.setup()
+    encoder_dim = t.encoder.out_dim
+    t.run()
+    best = tmp_path / "run" / "best"
+    assert json.loads((best / "config.json").read_text())["decoder"]["grid_dim"] == 16
+    with safe_open(str(best / "model.safetensors"), "pt") as f:
+        assert tuple(f.get_tensor("decoder.grid_proj.weight").shape) == (16, encoder_dim)
+        assert tuple(f.get_tensor("decoder.f_beta.weight").shape) == (16, 48)
+    cap = sat_cli.load(best, device="cpu")
+    out = cap([str(EXAMPLES / "chelsea.png")], beam=2)
+    assert out[0].ok and out[0].words and out[0].attention.shape[0] == len(out[0].words)
+    from sat_cli.training import TrainConfig
+
+    again = Trainer(TrainConfig.load(tmp_path / "run"), resume=True)  # what sat train --resume does
+    again.setup()
+    assert again.decoder.config.grid_dim == 16
+    child = Trainer(tiny_config(small_set, tmp_path, epochs=1, init_from=str(best), out=str(tmp_path / "child")))
+    child.setup()
+    assert child.decoder.config.grid_dim == 16

@@ -107,6 +107,7 @@ def _beam_search(torch, decoder, features, settings, start, end, blocked, attent
 
     # About a dozen words per caption: the expected hypothesis-steps decide whether a word table pays.
     step = decoder.step if decoder.training else InferenceStep(decoder, expected_steps=B0 * K * min(L, 12))
+    features = decoder.prepare(features)
     h, c, enc_proj = decoder.init_state(features)
     D = h.shape[-1]
     # One hypothesis per image at the first step, then K slots: (B, K, ...) from the first topk on.

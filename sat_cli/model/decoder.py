@@ -26,14 +26,25 @@ class DecoderConfig:
     # The LSTM's first state: "mean" (a projection of the mean feature, as in the paper) or "zero"
     # (all visual information has to come through the attention).
     init_state: str = "mean"
+    # Project the grid's C channels to this many once per photo (a learned linear map) and attend
+    # over, read and gate the projection: the per-word products shrink from C to grid_dim wide.
+    # 0: the grid as the encoder gives it (the paper's decoder).
+    grid_dim: int = 0
 
     def __post_init__(self):
+        if self.grid_dim < 0:
+            raise ValueError(f"grid_dim must be 0 (none) or a width, not {self.grid_dim}")
         if self.init_state not in ("mean", "zero"):
             raise ValueError(f"init_state must be mean or zero, not {self.init_state!r}")
         if self.attention not in ("soft", "hard"):
             raise ValueError(f"attention must be soft or hard, not {self.attention!r}")
         if self.hard_inference not in ("expected", "argmax"):
             raise ValueError(f"hard_inference must be expected or argmax, not {self.hard_inference!r}")
+
+    @property
+    def width(self) -> int:
+        """Channels of the grid the attention reads: grid_dim, or the encoder's own C."""
+        return self.grid_dim or self.encoder_dim
 
     @property
     def argmax_context(self) -> bool:
@@ -82,17 +93,32 @@ class Decoder(nn.Module):
         self.config = config
         c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
-        self.attention = Attention(c.encoder_dim, c.decoder_dim, c.attention_dim)
+        if c.grid_dim:
+            self.grid_proj = nn.Linear(c.encoder_dim, c.grid_dim)
+            # a random projection that keeps the grid's scale (nn.Linear's default init shrinks it ~3x)
+            nn.init.normal_(self.grid_proj.weight, std=c.encoder_dim ** -0.5)
+            nn.init.zeros_(self.grid_proj.bias)
+        self.attention = Attention(c.width, c.decoder_dim, c.attention_dim)
         if c.init_state == "mean":
-            self.init_h = nn.Linear(c.encoder_dim, c.decoder_dim)
-            self.init_c = nn.Linear(c.encoder_dim, c.decoder_dim)
-        self.f_beta = nn.Linear(c.decoder_dim, c.encoder_dim)  # gating scalar per channel
-        self.lstm = nn.LSTMCell(c.embed_dim + c.encoder_dim, c.decoder_dim)
+            self.init_h = nn.Linear(c.width, c.decoder_dim)
+            self.init_c = nn.Linear(c.width, c.decoder_dim)
+        self.f_beta = nn.Linear(c.decoder_dim, c.width)  # gating scalar per channel
+        self.lstm = nn.LSTMCell(c.embed_dim + c.width, c.decoder_dim)
         self.dropout = nn.Dropout(c.dropout)
         self.fc = nn.Linear(c.decoder_dim, c.vocab_size)
 
+    def prepare(self, features, products=None):
+        """The encoder's grid (B, P, C) -> the grid the decoder reads (B, P, width): projected once
+        per photo when ``grid_dim`` is set, else unchanged. Every caller of ``init_state`` and
+        ``step`` passes the prepared grid; ``forward`` prepares its own."""
+        if not self.config.grid_dim:
+            return features
+        from .teacher import linear
+
+        return linear(features, self.grid_proj.weight, self.grid_proj.bias, products)
+
     def init_state(self, features):
-        """features (B, P, C) -> h, c (B, D) from the mean feature (or zeros), and the encoder projection."""
+        """features (B, P, C), prepared (:meth:`prepare`) -> h, c (B, D) from the mean feature (or zeros), and the encoder projection."""
         if self.config.init_state == "zero":
             h = features.new_zeros(features.shape[0], self.config.decoder_dim)
             return h, h, self.attention.project(features)
@@ -133,7 +159,7 @@ class Decoder(nn.Module):
         return self.fc(self.dropout(h)), h, c, alpha
 
     def forward(self, features, captions, lengths=None, sample=None, photo=None, products=None):
-        """Teacher forcing. features (B, P, C); captions (B, T) starting with <start>.
+        """Teacher forcing. features (B, P, C), the encoder's grid; captions (B, T) starting with <start>.
 
         ``photo`` (B,) long: caption b describes photo ``photo[b]`` of features (I, P, C); the
         photo's grid is then projected once for all its captions (default: one photo a caption).
@@ -151,13 +177,16 @@ class Decoder(nn.Module):
         B, T = captions.shape
         steps = [T - 1] * B if lengths is None else [int(n) - 1 for n in lengths]
         T1 = max(steps)
-        if sample is None and self.config.attention == "soft" and steps == sorted(steps, reverse=True):
+        teacher = sample is None and self.config.attention == "soft" and steps == sorted(steps, reverse=True)
+        if not teacher:
+            products = None  # the step-by-step reference stays fp32
+        features = self.prepare(features, products)  # once per photo
+        if teacher:
             from .teacher import teacher_forcing
 
             hs, alphas = teacher_forcing(self, features, captions, steps, photo, products)
             loc_logps = None
         else:
-            products = None  # the step-by-step reference stays fp32
             if photo is not None:
                 features = features[photo]
             hs, alphas, loc_logps = self.stepwise(features, captions, steps, sample)
@@ -167,7 +196,7 @@ class Decoder(nn.Module):
         return linear(self.dropout(hs[mask]), self.fc.weight, self.fc.bias, products), alphas, loc_logps
 
     def stepwise(self, features, captions, steps: list[int], sample=None):
-        """Teacher forcing one ``advance`` at a time (hard attention; the reference for
+        """(features prepared) Teacher forcing one ``advance`` at a time (hard attention; the reference for
         :func:`sat_cli.model.teacher.teacher_forcing`): -> hs (B, T1, D), alphas (B, T1, P), loc_logps."""
         B, T1 = features.shape[0], max(steps)
         h, c, enc_proj = self.init_state(features)
@@ -216,7 +245,7 @@ class InferenceStep:
 
     def __init__(self, decoder: Decoder, expected_steps: int = 0):
         c = decoder.config
-        E, D, C = c.embed_dim, c.decoder_dim, c.encoder_dim
+        E, D, C = c.embed_dim, c.decoder_dim, c.width
         lstm, att = decoder.lstm, decoder.attention
         w_ih = lstm.weight_ih  # (4D, E + C)
         self.table = expected_steps > c.vocab_size

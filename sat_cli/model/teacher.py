@@ -145,7 +145,7 @@ def teacher_forcing(decoder, features, captions, steps: list[int], photo=None, p
     """Soft-attention teacher forcing -> hs (B, T1, D) hidden states, alphas (B, T1, P), zero
     past each caption's end.
 
-    features (I, P, C), one grid per photo; captions (B, T); ``steps`` (B,): predicted words per
+    features (I, P, C), one grid per photo (prepared: ``Decoder.prepare``); captions (B, T); ``steps`` (B,): predicted words per
     caption, sorted longest first; ``photo`` (B,) long: which photo each caption describes
     (default: caption b describes photo b, I = B); ``products``: None (fp32) or torch.bfloat16,
     the dtype of the matrix products' inputs (see the module's docstring).
@@ -153,7 +153,7 @@ def teacher_forcing(decoder, features, captions, steps: list[int], photo=None, p
     cfg = decoder.config
     B = captions.shape[0]
     T1 = max(steps)
-    E, D, C = cfg.embed_dim, cfg.decoder_dim, cfg.encoder_dim
+    E, D, C = cfg.embed_dim, cfg.decoder_dim, cfg.width
     att, lstm = decoder.attention, decoder.lstm
     if photo is None:
         photo = torch.arange(B, device=features.device)

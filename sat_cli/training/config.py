@@ -41,6 +41,9 @@ class TrainConfig:
     attention_dim: int = opt(512, "Size of the attention MLP.", min=1)
     decoder_dim: int = opt(512, "LSTM hidden size.", min=1)
     dropout: float = opt(0.5, "Dropout before the output layer.", min=0.0, max=1.0)
+    grid_dim: int = opt(0, "Project the encoder's grid to this many channels once per photo (a learned linear "
+                           "map) and attend over the projection: narrower per-word products, faster training and "
+                           "captioning. 0: read the grid as the encoder gives it (the paper's decoder).", min=0)
     epochs: int = opt(20, "Epochs in all (on --resume: raise it to train longer).", min=1)
     batch_size: int = opt(32, "Captions per training step.", min=1)
     batching: str = opt("length", "length: captions of similar length from different photos; photo: every caption of a "

@@ -12,6 +12,7 @@ def sample_captions(decoder, feats, vocab, samples: int, max_len: int):
     device = feats.device
     blocked = torch.tensor([vocab.pad, vocab.start, vocab.unk], device=device)
     B, K = feats.shape[0], samples
+    feats = decoder.prepare(feats)
     h, c, enc_proj = decoder.init_state(feats)
     h = h.unsqueeze(1).expand(B, K, -1).contiguous()
     c = c.unsqueeze(1).expand(B, K, -1).contiguous()

@@ -99,6 +99,7 @@ class Trainer:
             cfg.feature_layers = enc.get("layers")
             d = init.decoder.config
             cfg.embed_dim, cfg.attention_dim, cfg.decoder_dim = d.embed_dim, d.attention_dim, d.decoder_dim
+            cfg.grid_dim = d.grid_dim
             cfg.attention, cfg.hard_inference, cfg.init_state = d.attention, d.hard_inference, d.init_state
             self.say(f"Starting from {cfg.init_from} ({cfg.encoder}, vocabulary {len(init.vocab)} words)")
         self.encoder = create_encoder(cfg.encoder, EncoderOptions(
@@ -145,7 +146,8 @@ class Trainer:
         self.decoder = Decoder(DecoderConfig(
             vocab_size=len(self.vocab), encoder_dim=self.encoder.out_dim, embed_dim=cfg.embed_dim,
             attention_dim=cfg.attention_dim, decoder_dim=cfg.decoder_dim, dropout=cfg.dropout,
-            attention=cfg.attention, hard_inference=cfg.hard_inference, init_state=cfg.init_state)).to(device)
+            attention=cfg.attention, hard_inference=cfg.hard_inference, init_state=cfg.init_state,
+            grid_dim=cfg.grid_dim)).to(device)
         if init is not None:
             self.decoder.load_state_dict(init.decoder.state_dict())
         self.encoder.to(device)
