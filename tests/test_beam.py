@@ -341,3 +341,23 @@ def test_hard_attention_argmax_maps_are_one_hot():
             alphas = torch.as_tensor(hyp.alphas)
             alphas = alphas.reshape(alphas.shape[0], -1) if alphas.numel() else alphas.reshape(0, 1)
             assert ((alphas == 0) | (alphas == 1)).all() and (alphas.sum(-1) == 1).all(), alphas
+
+
+def test_half_maps_come_back_as_float16_for_finished_and_open_hypotheses():
+    """half_maps (what sat caption asks for): the same hypotheses, with maps in float16 that
+    round the float32 ones, for captions that ended and for those still open at max_len."""
+    dec = make_decoder(end_bias=0.5)
+    feats = make_features(6)
+    settings = DecodeSettings(beam_size=3, n_best=3, max_len=4)
+    full = beam_search(dec, feats, settings, start=START, end=END, blocked=BLOCKED)
+    half = beam_search(dec, feats, settings, start=START, end=END, blocked=BLOCKED, half_maps=True)
+    kinds = set()
+    for a_hyps, b_hyps in zip(full, half):
+        assert [h.tokens for h in a_hyps] == [h.tokens for h in b_hyps]
+        assert [h.score for h in a_hyps] == [h.score for h in b_hyps]
+        for a, b in zip(a_hyps, b_hyps):
+            kinds.add(a.finished)
+            assert a.alphas.dtype == np.float32 and b.alphas.dtype == np.float16
+            assert b.alphas.shape == a.alphas.shape == (len(a.tokens), 9)
+            np.testing.assert_array_equal(b.alphas, a.alphas.astype(np.float16))
+    assert kinds == {True, False}  # both kinds of hypotheses were compared
