@@ -20,6 +20,12 @@ class TimmCNNEncoder(Encoder):
         self.channels_last = channels_last  # some timm models return (B, h, w, C)
         self.layers = None if layers in (None, (-1,)) else tuple(layers)
 
+    def layer_channels(self) -> list[tuple[int, int]]:
+        if self.layers is None:
+            return [(-1, self.out_dim)]
+        info = self.backbone.feature_info
+        return [(i, self.backbone.num_features if i == -1 else info[i]["num_chs"]) for i in self.layers]
+
     def feature_map(self, x):
         if self.layers is None:
             fmap = self.backbone.forward_features(x)

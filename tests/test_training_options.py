@@ -147,3 +147,39 @@ def test_grid_dim_trains_a_projected_grid_that_saves_loads_resumes_and_captions(
     child = Trainer(tiny_config(small_set, tmp_path, epochs=1, init_from=str(best), out=str(tmp_path / "child")))
     child.setup()
     assert child.decoder.config.grid_dim == 16
+
+
+def test_init_from_with_more_feature_layers_grows_the_decoder_and_captions_alike(small_set, tmp_path):
+    """--init-from a last-map model with --feature-layers 3,-1: the decoder widens to the stage's
+    added channels at zero weight, so before any training it captions exactly as its start; then it
+    trains them. Asking for fewer layers than the start reads is a clear error."""
+    import sat_cli
+    from sat_cli.errors import SatError
+    from sat_cli.model.checkpoint import save_checkpoint
+
+    parent = Trainer(tiny_config(small_set, tmp_path, epochs=1))
+    parent.setup()
+    parent.run()
+    best = tmp_path / "run" / "best"
+    child = Trainer(tiny_config(small_set, tmp_path, epochs=1, init_from=str(best), feature_layers=[3, -1],
+                                out=str(tmp_path / "child")))
+    child.setup()
+    stage = child.encoder.layer_channels()[0]
+    assert stage[0] == 3 and child.encoder.out_dim == stage[1] + parent.encoder.out_dim
+    grown = child.decoder.attention.encoder_att.weight
+    assert grown[:, :stage[1]].abs().sum() == 0
+    torch.testing.assert_close(grown[:, stage[1]:], parent.decoder.attention.encoder_att.weight)
+    save_checkpoint(tmp_path / "grown", child.encoder, child.decoder, child.vocab)
+    photos = [str(EXAMPLES / n) for n in ("chelsea.png", "camera.png", "coffee.png")]
+    before = sat_cli.load(best, device="cpu")(photos, beam=2)
+    after = sat_cli.load(tmp_path / "grown", device="cpu")(photos, beam=2)
+    assert [r.words for r in after] == [r.words for r in before]
+    assert [r.score for r in after] == pytest.approx([r.score for r in before], abs=1e-4)
+    child.run()
+    assert child.decoder.attention.encoder_att.weight[:, :stage[1]].abs().sum() > 0
+    assert json.loads((tmp_path / "child" / "last" / "config.json").read_text())["encoder"]["layers"] == [3, -1]
+
+    narrower = Trainer(tiny_config(small_set, tmp_path, epochs=1, init_from=str(tmp_path / "child" / "last"),
+                                   feature_layers=[4, -1], out=str(tmp_path / "other")))
+    with pytest.raises(SatError, match="layer 3"):
+        narrower.setup()

@@ -34,6 +34,11 @@ class Encoder(nn.Module):
         self._grid_shape: tuple[int, int] | None = None
         self.input_channels_last = False
 
+    def layer_channels(self) -> list[tuple[int, int]]:
+        """(layer, channels) of each block of the grid's channels, in order: one block, the last
+        map (-1), unless a subclass concatenates several layers."""
+        return [(-1, self.out_dim)]
+
     def use_channels_last(self) -> "Encoder":
         """Run the convolutions on channels-last tensors: the same numbers up to rounding, and
         much faster on CPUs (Lite0 at 384 px: 38 instead of 91 ms per image) and on GPUs in fp16."""

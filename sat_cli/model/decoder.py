@@ -216,6 +216,44 @@ class Decoder(nn.Module):
         return hs, alphas, loc_logps
 
 
+def grow_grid_channels(decoder: Decoder, state: dict, old_blocks: list[tuple[int, int]],
+                       new_blocks: list[tuple[int, int]]) -> None:
+    """Load ``state``, a decoder trained on a grid of ``old_blocks`` ((layer, channels) of the
+    encoder, in order), into ``decoder``, built for the wider grid of ``new_blocks``: each old
+    channel keeps its weights at its new place, the added channels start at zero (so the grown
+    decoder writes exactly what the old one wrote, and training teaches it to read them). Every
+    old layer must be among the new ones, with the same channels."""
+    import torch
+
+    placed = {}
+    offset = 0
+    for layer, channels in new_blocks:
+        placed[layer] = (offset, channels)
+        offset += channels
+    columns = []  # the new place of each old channel
+    for layer, channels in old_blocks:
+        if placed.get(layer, (0, None))[1] != channels:
+            raise ValueError(f"the starting model reads layer {layer} ({channels} channels), which the new "
+                             f"grid ({', '.join(str(k) for k, _ in new_blocks)}) does not hold as such")
+        start = placed[layer][0]
+        columns.extend(range(start, start + channels))
+    old_dim, new_dim = sum(c for _, c in old_blocks), offset
+    embed = decoder.config.embed_dim
+    grown = decoder.state_dict()
+    for name, target in grown.items():
+        value = state[name]
+        if value.shape == target.shape:
+            grown[name] = value
+            continue
+        dims = [d for d, (a, b) in enumerate(zip(value.shape, target.shape)) if a != b]
+        base = embed if name == "lstm.weight_ih" else 0  # the LSTM reads [word embedding, context]
+        if len(dims) != 1 or value.shape[dims[0]] != base + old_dim or target.shape[dims[0]] != base + new_dim:
+            raise ValueError(f"{name}: cannot grow {tuple(value.shape)} to {tuple(target.shape)}")
+        index = torch.tensor(list(range(base)) + [base + c for c in columns])
+        grown[name] = torch.zeros_like(target).index_copy_(dims[0], index, value.to(target.dtype))
+    decoder.load_state_dict(grown)
+
+
 def attention_regularizer(alphas, mask):
     """Doubly stochastic attention: sum over pixels of (1 - sum over steps of alpha)^2, batch mean.
 

@@ -35,7 +35,9 @@ class TrainConfig:
     encoder_weights: str | None = opt(None, "Local encoder weights file.", file=True, exists=True)
     feature_layers: list[int] | None = opt(
         None, "timm CNNs: encoder stages that form the grid, comma-separated: 0 (stride 2) .. 4 (stride 32) and -1, "
-              "the last feature map (default); several are pooled to the coarsest and concatenated, e.g. 4,-1.",
+              "the last feature map (default); several are pooled to the coarsest and concatenated, e.g. 4,-1. "
+              "With --init-from, more layers than the starting model reads grow its decoder: the added "
+              "channels start at zero weight, so training begins from the same captions.",
         ints=True)
     embed_dim: int = opt(512, "Word embedding size.", min=1)
     attention_dim: int = opt(512, "Size of the attention MLP.", min=1)

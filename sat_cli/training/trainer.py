@@ -89,14 +89,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         train, val = split_entries(cfg, self.say)
 
-        init = None
+        init, grow = None, False
         if cfg.init_from and not self.resume:
             from ..model.checkpoint import load_checkpoint
 
             init = load_checkpoint(cfg.init_from)
             enc = init.config["encoder"]
             cfg.encoder, cfg.grid, cfg.image_size = enc["spec"], enc.get("grid"), enc.get("image_size")
+            # --feature-layers with more layers than the start reads grows its decoder (added channels at 0)
+            wanted = list(cfg.feature_layers) if cfg.feature_layers else None
             cfg.feature_layers = enc.get("layers")
+            if wanted and wanted != list(cfg.feature_layers or [-1]):
+                grow, cfg.feature_layers = True, wanted
             d = init.decoder.config
             cfg.embed_dim, cfg.attention_dim, cfg.decoder_dim = d.embed_dim, d.attention_dim, d.decoder_dim
             cfg.grid_dim = d.grid_dim
@@ -148,7 +152,18 @@ class Trainer:
             attention_dim=cfg.attention_dim, decoder_dim=cfg.decoder_dim, dropout=cfg.dropout,
             attention=cfg.attention, hard_inference=cfg.hard_inference, init_state=cfg.init_state,
             grid_dim=cfg.grid_dim)).to(device)
-        if init is not None:
+        if grow:
+            from ..model.decoder import grow_grid_channels
+
+            try:
+                grow_grid_channels(self.decoder, init.decoder.state_dict(), init.encoder.layer_channels(),
+                                   self.encoder.layer_channels())
+            except ValueError as exc:
+                raise SatError(f"--init-from {cfg.init_from} with --feature-layers "
+                               f"{','.join(map(str, cfg.feature_layers))}: {exc}") from None
+            self.say(f"Grid grown from {init.encoder.out_dim} to {self.encoder.out_dim} channels "
+                     f"(layers {','.join(map(str, cfg.feature_layers))}; the added ones start at zero)")
+        elif init is not None:
             self.decoder.load_state_dict(init.decoder.state_dict())
         self.encoder.to(device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
