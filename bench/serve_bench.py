@@ -13,7 +13,8 @@ may be shared); asserts nothing.
    (target < 150 ms), once over a plain socket (as curl or PhotoPrism's Go client send it) and once
    with httpx (which adds ~45 ms a request of its own here).
 3. --clients (1, 4, 16) concurrent clients, each a process of its own (--client-threads: threads of
-   this process), posting one photo per request to /v1/caption: images/s, p50/p90/p99 latency per
+   this process), posting one photo per request to /v1/caption (with httpx, or with
+   --plain-clients over kept-alive plain sockets, which cost the shared cores next to no CPU): images/s, p50/p90/p99 latency per
    photo; from /healthz: batch sizes, why batches closed, ms per image waiting for a decoding
    thread, decoding, queued; ms per model call; time in the server vs at the client; CPU ms per
    image of the server and of the clients.
@@ -69,10 +70,7 @@ def plain_latencies(url: str, paths: list[Path]) -> dict:
     host, port = url.removeprefix("http://").split(":")
     times = []
     for p in paths:
-        body = (b'--XX\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
-                b"Content-Type: image/jpeg\r\n\r\n" + p.read_bytes() + b"\r\n--XX--\r\n")
-        request = (b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; "
-                   b"boundary=XX\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+        request = multipart_request(p.read_bytes(), "a.jpg", keep_alive=False)
         started = time.perf_counter()
         with socket.create_connection((host, int(port))) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -144,8 +142,50 @@ def http_client() -> httpx.Client:
     return httpx.Client(timeout=120, transport=httpx.HTTPTransport(socket_options=nodelay))
 
 
+def multipart_request(blob: bytes, name: str, keep_alive: bool) -> bytes:
+    """A whole POST /v1/caption request of one photo, as one buffer (what curl or Go's client write)."""
+    body = (b'--XX\r\nContent-Disposition: form-data; name="image"; filename="' + name.encode() + b'"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + blob + b"\r\n--XX--\r\n")
+    return (b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nConnection: %s\r\nContent-Type: multipart/form-data; "
+            b"boundary=XX\r\nContent-Length: %d\r\n\r\n" % (b"keep-alive" if keep_alive else b"close", len(body))) + body
+
+
+def _post_each_plain(url: str, blobs: list[bytes], indices: range) -> tuple[list[float], float]:
+    """One client over one kept-alive plain socket (TCP_NODELAY, each request in one write, the
+    answer read by its Content-Length): a client that costs next to no CPU, as a Go program on
+    another machine would; (latencies in s, its CPU seconds)."""
+    import re
+
+    host, port = url.removeprefix("http://").split(":")
+    latencies, cpu = [], time.process_time()
+    with socket.create_connection((host, int(port))) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pending = b""
+        for i in indices:
+            request = multipart_request(blobs[i], f"{i}.jpg", keep_alive=True)
+            t = time.perf_counter()
+            s.sendall(request)
+            data = pending
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise SystemExit("plain client: the server closed the connection")
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            if b" 200 " not in head.split(b"\r\n")[0]:
+                raise SystemExit(f"plain client: {head[:200]!r}")
+            size = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+            while len(rest) < size:
+                rest += s.recv(65536)
+            pending = rest[size:]
+            latencies.append(time.perf_counter() - t)
+    return latencies, time.process_time() - cpu
+
+
 def _post_each(url: str, blobs: list[bytes], indices: range) -> tuple[list[float], float]:
     """One client: posts its photos one at a time; (latencies in s, its CPU seconds)."""
+    if os.environ.get("SAT_BENCH_PLAIN"):
+        return _post_each_plain(url, blobs, indices)
     latencies, cpu = [], time.process_time()
     with http_client() as http:
         for i in indices:
@@ -350,12 +390,17 @@ def main():
                         help="extra `sat serve` option, repeatable: --server-arg=--workers=4")
     parser.add_argument("--soak", type=float, default=120, help="soak seconds (0: none)")
     parser.add_argument("--soak-clients", type=int, default=8)
+    parser.add_argument("--plain-clients", action="store_true",
+                        help="the concurrent clients post over kept-alive plain sockets (next to no client CPU, "
+                             "as clients on other machines) instead of httpx")
     parser.add_argument("--nagle", action="store_true",
                         help="clients keep Nagle's algorithm on (httpx's default): ~40 ms more per request")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.nagle:
         os.environ["SAT_BENCH_NAGLE"] = "1"  # client processes inherit it
+    if args.plain_clients:
+        os.environ["SAT_BENCH_PLAIN"] = "1"
     paths = photos(args.images)
     out = {"machine": {"cpus": os.cpu_count(), "uptime_at_start": uptime()}, "server_args": args.server_arg}
     if not args.no_sat_caption:

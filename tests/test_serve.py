@@ -260,3 +260,46 @@ def test_images_queued_behind_a_busy_model_wait_for_the_callers_just_answered(ti
     finally:
         batcher.close()
     assert calls == [1, 2] and batcher.stats.sizes == {1: 1, 2: 1}
+
+
+def test_the_batch_after_a_model_call_waits_for_the_callers_it_answered(tiny_model, monkeypatch):
+    """Closed-loop clients in two groups: A's two images are in the model, B queues just before
+    the call ends. B's batch then waits (up to a quarter of the last call) until A's two callers
+    are back, so the three share one call, instead of B going alone and the groups taking turns."""
+    import time
+
+    import sat_cli
+    import sat_cli.pipeline as pipeline
+    from sat_cli.inputs.images import Sources
+    from sat_cli.serve.batching import Batcher
+
+    real, calls = pipeline.caption_rows, []
+
+    def slow_first(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 1:
+            time.sleep(1.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "caption_rows", slow_first)
+    cap = sat_cli.load(str(tiny_model), device="cpu")
+    sources = Sources(cap.model.preprocess.size, cap.model.preprocess.interpolation)
+    photo = [sources.from_bytes(None, (EXAMPLES / n).read_bytes()) for n in [*PHOTOS, "camera.png"]]
+    batcher = Batcher(cap.model, cap.settings(), max_batch=16, max_wait_ms=5)
+    batcher.start()
+    try:
+        a = [batcher.submit([photo[0]], False), batcher.submit([photo[1]], False)]
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(1.1)  # near the end of A's call: B has queued 0.1 s, so its own catch-up is 10 ms
+        b = batcher.submit([photo[2]], False)
+        a[0].result(60), a[1].result(60)
+        time.sleep(0.06)  # A's callers send their next photos, one after the other
+        c = batcher.submit([photo[3]], False)
+        time.sleep(0.04)
+        d = batcher.submit([photo[4]], False)
+        b.result(60), c.result(60), d.result(60)
+    finally:
+        batcher.close()
+    assert calls == [2, 3] and batcher.stats.sizes == {2: 1, 3: 1}

@@ -2,9 +2,11 @@
 thread takes whatever arrived within ``max_wait_ms`` of the first, up to ``max_batch`` images,
 and runs them through the one inference pipeline (``pipeline.caption_rows``, what `sat caption`
 runs). JPEG decoding happens before, in the request's worker thread, so the model never waits on
-it. An image that queued behind a busy model may wait a tenth of that time more (CATCH_UP) for
-others, so clients that send again as soon as they are answered share batches. A full queue
-answers 503 with Retry-After; a request whose caller gave up is dropped."""
+it. Callers that send again as soon as they are answered share batches: after a model call, the
+next batch waits (up to a quarter of that call, RETURN_SHARE) until as many images as the call
+answered have come back, beside those that queued while it ran; and an image that queued behind a
+busy model may wait a tenth of that time more (CATCH_UP). A full queue answers 503 with
+Retry-After; a request whose caller gave up is dropped."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .inputs import BadRequest
 
 CATCH_UP = 0.1  # share of its queue time a waiting image may wait more to fill its batch
 LONGEST_CATCH_UP = 0.5  # seconds
+RETURN_SHARE = 0.25  # share of the last model call a batch may wait for the callers it answered
 
 
 @dataclass
@@ -69,6 +72,10 @@ class Batcher:
         self.incoming = 0  # images of requests being decoded
         self.grace = max(4 * self.max_wait, 0.02)  # longest extra wait for them
         self.batches = self.images = 0  # counters for /healthz
+        # the last model call: when it ended, how long it took, how many images it answered, and
+        # how many had queued while it ran (the next batch expects those back as well)
+        self.last_done = self.last_call = 0.0
+        self.last_answered = 0
         self.stats = Stats()
         self.closed = False
         self.cond = threading.Condition()
@@ -134,11 +141,19 @@ class Batcher:
             # the callers just answered (who often send again at once) join them, instead of
             # closed-loop clients splitting into two half-batches that take turns for ever.
             deadline = now + max(self.max_wait, min(LONGEST_CATCH_UP, CATCH_UP * (now - self.queue[0].queued)))
-            while sum(len(j.results) for j in self.queue) < self.max_batch and not self.closed:
+            # And the batch after a model call waits, a bounded time, until the images that call
+            # answered are back beside those that queued while it ran (16 closed-loop clients: 16).
+            before = sum(len(j.results) for j in self.queue if j.queued < self.last_done)
+            expected = min(self.max_batch, before + self.last_answered)
+            returning = self.last_done + min(LONGEST_CATCH_UP, RETURN_SHARE * self.last_call)
+            while (queued := sum(len(j.results) for j in self.queue)) < self.max_batch and not self.closed:
                 now = time.monotonic()
-                if now >= deadline + self.grace or (now >= deadline and not self.incoming):
+                if queued >= expected and now >= deadline:
                     break
-                self.cond.wait((deadline if now < deadline else deadline + self.grace) - now)
+                end = max(deadline, returning) if queued < expected else deadline
+                if now >= end + self.grace or (now >= end and not self.incoming):
+                    break
+                self.cond.wait((end if now < end else end + self.grace) - now)
             jobs, size = [], 0
             while self.queue and (not jobs or size + len(self.queue[0].results) <= self.max_batch):
                 job = self.queue.popleft()
@@ -177,7 +192,11 @@ class Batcher:
                     if live:
                         started = time.monotonic()
                         self._caption(live)
-                        self.stats.model_s += time.monotonic() - started
+                        done = time.monotonic()
+                        self.stats.model_s += done - started
+                        with self.cond:  # before any caller hears back
+                            self.last_done, self.last_call = done, done - started
+                            self.last_answered = sum(len(j.results) for j in live)
                 except Exception as exc:  # the model failed: these requests get a 500, the server goes on
                     for j in live:
                         j.future.set_exception(exc)
