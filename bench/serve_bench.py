@@ -11,7 +11,8 @@ may be shared); asserts nothing.
 2. `sat serve` (a real server process, default options plus --server-arg): after a warm-up, one
    client on the idle server, one photo at a time (up to 40 photos): p50 and p90 ms per photo
    (target < 150 ms), once over a plain socket (as curl or PhotoPrism's Go client send it) and once
-   with httpx (which adds ~45 ms a request of its own here).
+   with httpx over a kept-alive connection (until the server set TCP_NODELAY, 2026-12-07, that
+   cost ~45 ms a request: docs/serving.md).
 3. --clients (1, 4, 16) concurrent clients, each a process of its own (--client-threads: threads of
    this process), posting one photo per request to /v1/caption (with httpx, or with
    --plain-clients over kept-alive plain sockets, which cost the shared cores next to no CPU): images/s, p50/p90/p99 latency per
@@ -63,8 +64,8 @@ def photos(n: int) -> list[Path]:
 
 def plain_latencies(url: str, paths: list[Path]) -> dict:
     """One photo at a time over a plain socket (the request in one write, the whole answer read, as
-    curl or Go's client see it): p50/p90 ms per photo. httpx, the other rows' client, adds ~45 ms a
-    request of its own on this machine (measured against this and curl on one photo)."""
+    curl sends it, one connection per photo): p50/p90 ms per photo. Kept-alive connections (httpx,
+    Go's client) used to add ~45 ms a request: the server's missing TCP_NODELAY (docs/serving.md)."""
     import re
 
     host, port = url.removeprefix("http://").split(":")
