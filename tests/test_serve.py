@@ -224,6 +224,51 @@ def test_healthz_shows_requests_and_how_batches_formed(server):
     assert after["request_seconds"] > before["request_seconds"]
 
 
+def counting_batcher(tiny_model, monkeypatch, first_call_s: float = 0.0, **options):
+    """A started Batcher on the tiny model whose model calls are counted (images per call), the
+    first one made ``first_call_s`` longer; with the decoded example photos to submit."""
+    import time
+
+    import sat_cli
+    import sat_cli.pipeline as pipeline
+    from sat_cli.inputs.images import Sources
+    from sat_cli.serve.batching import Batcher
+
+    real, calls = pipeline.caption_rows, []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 1:
+            time.sleep(first_call_s)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "caption_rows", counted)
+    cap = sat_cli.load(str(tiny_model), device="cpu")
+    sources = Sources(cap.model.preprocess.size, cap.model.preprocess.interpolation)
+    photos = [sources.from_bytes(None, (EXAMPLES / n).read_bytes()) for n in [*PHOTOS, "camera.png"]]
+    batcher = Batcher(cap.model, cap.settings(), **options)
+    batcher.start()
+    return batcher, photos, calls
+
+
+def test_a_batch_waits_the_grace_for_images_still_being_decoded(tiny_model, monkeypatch):
+    """--max-wait-ms is up but another request's image is still being decoded: the batch waits
+    for it (up to the grace, 4x --max-wait-ms), on a fresh server as after any model call."""
+    import time
+
+    batcher, photo, calls = counting_batcher(tiny_model, monkeypatch, max_batch=16, max_wait_ms=50)
+    try:
+        for first, second in ((0, 1), (2, 3)):
+            with batcher.arriving(1):  # B is being decoded while A queues
+                a = batcher.submit([photo[first]], False)
+                time.sleep(0.1)  # past A's 50 ms, well within the 200 ms grace
+                b = batcher.submit([photo[second]], False)
+            a.result(60), b.result(60)
+    finally:
+        batcher.close()
+    assert calls == [2, 2] and batcher.stats.closed == {"waited": 2}
+
+
 def test_images_queued_behind_a_busy_model_wait_for_the_callers_just_answered(tiny_model, monkeypatch):
     """Closed-loop clients: B queued while A's batch ran; A's caller sends again (C) just after
     its answer. B waits a tenth of its queue time for C, so they share one batch, instead of the

@@ -72,8 +72,8 @@ class Batcher:
         self.incoming = 0  # images of requests being decoded
         self.grace = max(4 * self.max_wait, 0.02)  # longest extra wait for them
         self.batches = self.images = 0  # counters for /healthz
-        # the last model call: when it ended, how long it took, how many images it answered, and
-        # how many had queued while it ran (the next batch expects those back as well)
+        # the last model call: when it ended, how long it took and how many images it answered
+        # (the next batch expects those back, beside the images that queued while it ran)
         self.last_done = self.last_call = 0.0
         self.last_answered = 0
         self.stats = Stats()
@@ -148,8 +148,6 @@ class Batcher:
             returning = self.last_done + min(LONGEST_CATCH_UP, RETURN_SHARE * self.last_call)
             while (queued := sum(len(j.results) for j in self.queue)) < self.max_batch and not self.closed:
                 now = time.monotonic()
-                if queued >= expected and now >= deadline:
-                    break
                 end = max(deadline, returning) if queued < expected else deadline
                 if now >= end + self.grace or (now >= end and not self.incoming):
                     break
