@@ -66,8 +66,6 @@ def plain_latencies(url: str, paths: list[Path]) -> dict:
     """One photo at a time over a plain socket (the request in one write, the whole answer read, as
     curl sends it, one connection per photo): p50/p90 ms per photo. Kept-alive connections (httpx,
     Go's client) used to add ~45 ms a request: the server's missing TCP_NODELAY (docs/serving.md)."""
-    import re
-
     host, port = url.removeprefix("http://").split(":")
     times = []
     for p in paths:
@@ -76,15 +74,7 @@ def plain_latencies(url: str, paths: list[Path]) -> dict:
         with socket.create_connection((host, int(port))) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.sendall(request)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += s.recv(65536)
-            head, _, rest = data.partition(b"\r\n\r\n")
-            if b" 200 " not in head.split(b"\r\n")[0]:
-                raise SystemExit(f"plain client: {head[:200]!r}")
-            size = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
-            while len(rest) < size:
-                rest += s.recv(65536)
+            read_answer(s, b"")
         times.append(time.perf_counter() - started)
     q = statistics.quantiles([t * 1000 for t in times], n=10)
     return {"images": len(times), "p50_ms": round(statistics.median(times) * 1000, 1), "p90_ms": round(q[8], 1)}
@@ -151,12 +141,30 @@ def multipart_request(blob: bytes, name: str, keep_alive: bool) -> bytes:
             b"boundary=XX\r\nContent-Length: %d\r\n\r\n" % (b"keep-alive" if keep_alive else b"close", len(body))) + body
 
 
+def read_answer(s: socket.socket, pending: bytes) -> bytes:
+    """Read one 200 answer from ``s`` by its Content-Length (``pending``: bytes already received
+    past the previous answer); returns the bytes received past this one."""
+    import re
+
+    data = pending
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise SystemExit("plain client: the server closed the connection")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n")[0]:
+        raise SystemExit(f"plain client: {head[:200]!r}")
+    size = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    while len(rest) < size:
+        rest += s.recv(65536)
+    return rest[size:]
+
+
 def _post_each_plain(url: str, blobs: list[bytes], indices: range) -> tuple[list[float], float]:
     """One client over one kept-alive plain socket (TCP_NODELAY, each request in one write, the
     answer read by its Content-Length): a client that costs next to no CPU, as a Go program on
     another machine would; (latencies in s, its CPU seconds)."""
-    import re
-
     host, port = url.removeprefix("http://").split(":")
     latencies, cpu = [], time.process_time()
     with socket.create_connection((host, int(port))) as s:
@@ -166,19 +174,7 @@ def _post_each_plain(url: str, blobs: list[bytes], indices: range) -> tuple[list
             request = multipart_request(blobs[i], f"{i}.jpg", keep_alive=True)
             t = time.perf_counter()
             s.sendall(request)
-            data = pending
-            while b"\r\n\r\n" not in data:
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise SystemExit("plain client: the server closed the connection")
-                data += chunk
-            head, _, rest = data.partition(b"\r\n\r\n")
-            if b" 200 " not in head.split(b"\r\n")[0]:
-                raise SystemExit(f"plain client: {head[:200]!r}")
-            size = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
-            while len(rest) < size:
-                rest += s.recv(65536)
-            pending = rest[size:]
+            pending = read_answer(s, pending)
             latencies.append(time.perf_counter() - t)
     return latencies, time.process_time() - cpu
 

@@ -22,7 +22,7 @@ class TimmCNNEncoder(Encoder):
 
     def layer_channels(self) -> list[tuple[int, int]]:
         if self.layers is None:
-            return [(-1, self.out_dim)]
+            return super().layer_channels()
         info = self.backbone.feature_info
         return [(i, self.backbone.num_features if i == -1 else info[i]["num_chs"]) for i in self.layers]
 

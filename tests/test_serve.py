@@ -275,25 +275,7 @@ def test_images_queued_behind_a_busy_model_wait_for_the_callers_just_answered(ti
     two taking turns in half-batches for ever (what 16 bench clients did: batches of 15 and 1)."""
     import time
 
-    import sat_cli
-    import sat_cli.pipeline as pipeline
-    from sat_cli.inputs.images import Sources
-    from sat_cli.serve.batching import Batcher
-
-    real, calls = pipeline.caption_rows, []
-
-    def slow_first(*args, **kwargs):
-        calls.append(len(args[1]))
-        if len(calls) == 1:
-            time.sleep(3.0)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "caption_rows", slow_first)
-    cap = sat_cli.load(str(tiny_model), device="cpu")
-    sources = Sources(cap.model.preprocess.size, cap.model.preprocess.interpolation)
-    photo = [sources.from_bytes(None, (EXAMPLES / n).read_bytes()) for n in PHOTOS[:3]]
-    batcher = Batcher(cap.model, cap.settings(), max_batch=16, max_wait_ms=5)
-    batcher.start()
+    batcher, photo, calls = counting_batcher(tiny_model, monkeypatch, 3.0, max_batch=16, max_wait_ms=5)
     try:
         a = batcher.submit([photo[0]], False)
         time.sleep(0.5)  # A is in the model
@@ -313,25 +295,7 @@ def test_the_batch_after_a_model_call_waits_for_the_callers_it_answered(tiny_mod
     are back, so the three share one call, instead of B going alone and the groups taking turns."""
     import time
 
-    import sat_cli
-    import sat_cli.pipeline as pipeline
-    from sat_cli.inputs.images import Sources
-    from sat_cli.serve.batching import Batcher
-
-    real, calls = pipeline.caption_rows, []
-
-    def slow_first(*args, **kwargs):
-        calls.append(len(args[1]))
-        if len(calls) == 1:
-            time.sleep(1.2)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "caption_rows", slow_first)
-    cap = sat_cli.load(str(tiny_model), device="cpu")
-    sources = Sources(cap.model.preprocess.size, cap.model.preprocess.interpolation)
-    photo = [sources.from_bytes(None, (EXAMPLES / n).read_bytes()) for n in [*PHOTOS, "camera.png"]]
-    batcher = Batcher(cap.model, cap.settings(), max_batch=16, max_wait_ms=5)
-    batcher.start()
+    batcher, photo, calls = counting_batcher(tiny_model, monkeypatch, 1.2, max_batch=16, max_wait_ms=5)
     try:
         a = [batcher.submit([photo[0]], False), batcher.submit([photo[1]], False)]
         deadline = time.monotonic() + 10
