@@ -2,7 +2,7 @@
 
   python bench/caption_bench.py                      # everything, with the shipped default model
   python bench/caption_bench.py --model runs/x/best  # another checkpoint
-  python bench/caption_bench.py --only decode        # one part: decode | e2e | resnet | rss
+  python bench/caption_bench.py --only decode        # one part: decode | e2e | resnet | rss | chunks
 
 Parts (issue 2):
 1. decode: batched beam search vs a per-image reference beam search (bench/reference.py), beam 3,
@@ -15,6 +15,9 @@ Parts (issue 2):
    weights are not available offline, so the encoder has random weights and the decoder is
    trained briefly on those features: the arithmetic is the real one, the captions are not).
 4. rss: peak resident memory captioning 2,000 images vs 200.
+5. chunks: the encoder's wall time per image on 64 real photos taken in chunks of 1, 2, 4, 8 and
+   64 images (Encoder.CPU_CHUNK, what `sat caption` and `sat serve` use on the CPU), interleaved
+   rounds; features checked equal across chunk sizes.
 """
 
 from __future__ import annotations
@@ -252,6 +255,27 @@ def peak_rss_kb(model: str, paths: list[str]) -> int:
         return int(out.stdout.strip().splitlines()[-1])
 
 
+def part_chunks(ck, n: int = 64, rounds: int = 4, sizes=(1, 2, 4, 8, 64)):
+    print(f"\n== encoder chunks: {n} real photos, wall ms per image by Encoder.CPU_CHUNK, {rounds} interleaved rounds ==")
+    pixels = pixel_batch(photos(n), ck.preprocess)
+    shipped, enc = ck.encoder.CPU_CHUNK, ck.encoder
+    ref = encode(enc, pixels, CPU, "fp32")  # warm-up, and the features every chunk size must give
+    times = {c: [] for c in sizes}
+    try:
+        for _ in range(rounds):
+            for c in sizes:
+                enc.CPU_CHUNK = c
+                t = time.perf_counter()
+                got = encode(enc, pixels, CPU, "fp32")
+                times[c].append(1000 * (time.perf_counter() - t) / n)
+                assert torch.allclose(got, ref, atol=1e-3 * float(ref.abs().max())), f"chunks of {c} changed the features"
+    finally:
+        enc.CPU_CHUNK = shipped
+    for c in sizes:
+        note = " (the shipped Encoder.CPU_CHUNK)" if c == shipped else ""
+        print(f"chunks of {c:>2}: best {min(times[c]):.1f} ms/image, rounds {[round(x, 1) for x in times[c]]}{note}")
+
+
 def part_rss(model: str):
     print("\n== peak memory ==")
     small, big = peak_rss_kb(model, photos(200)), peak_rss_kb(model, photos(2000))
@@ -261,7 +285,7 @@ def part_rss(model: str):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "sat_cli" / "models" / "default"))
-    ap.add_argument("--only", choices=["decode", "e2e", "resnet", "rss"])
+    ap.add_argument("--only", choices=["decode", "e2e", "resnet", "rss", "chunks"])
     ap.add_argument("--decode-images", type=int, default=256)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -277,6 +301,8 @@ def main():
                  per_image_n=15, encoder_weights=weights)
     if args.only in (None, "rss"):
         part_rss(args.model)
+    if args.only in (None, "chunks"):
+        part_chunks(load_checkpoint(args.model).for_inference(CPU))
 
 
 if __name__ == "__main__":

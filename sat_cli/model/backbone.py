@@ -20,6 +20,9 @@ class Encoder(nn.Module):
     # Images per forward pass on the CPU when no gradients are needed: a larger batch spills the
     # activations out of the cache (384-px Lite0 on a 2-core Xeon: 37 ms/image in chunks of 8,
     # 39 at 16, 58 at 32), so callers can pass large batches (beam search wants them) for free.
+    # Smaller chunks are faster on an idle machine (chunks of 2: 26-30 ms) but each pass costs
+    # ~1.2 s when another process keeps the cores busy (the OpenMP threads wait for each other at
+    # every layer), so fewer passes win there: 8 is the compromise (bench/caption_bench.py --only chunks).
     CPU_CHUNK = 8
 
     def __init__(self, spec: str, preprocess: Preprocess, out_dim: int, grid: int | None = None):
