@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import EXAMPLES
 from sat_cli.cli.main import cli
-from sat_cli.errors import DataError
+from sat_cli.errors import DataError, SatError
 from sat_cli.evaluation.datasets import load_captions
 from sat_cli.model.decoder import Decoder, DecoderConfig, attention_regularizer
 from sat_cli.model.vocab import Vocab
@@ -537,6 +537,45 @@ def test_self_critical_training_follows_the_reward(small_set, tmp_path):
     assert again.vocab.itos == trainer.vocab.itos and again.decoder.config.embed_dim == 32
     for a, b in zip(again.decoder.state_dict().values(), trainer.decoder.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_distillation_teaches_the_students_words_from_the_teacher(small_set, tmp_path):
+    """--distill-from: a teacher that calls the cat a kitten (trained on captions that say so)
+    teaches a student trained on the human captions, which never say kitten, to say it; without
+    distillation the same student never does. A teacher reading other features is refused."""
+    data, images = small_set
+    kitten = tmp_path / "kitten.csv"
+    kitten.write_text(data.read_text().replace("cat", "kitten"))
+    base = dict(lr=5e-3, early_stop=20, batch_size=4, attention_lambda=0.0)
+    teacher = Trainer(tiny_config((kitten, images), tmp_path, out=str(tmp_path / "teacher"), epochs=6, **base))
+    teacher.setup()
+    teacher.run()
+
+    def student(name, **options):
+        t = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / name), epochs=6,
+                                distill_from=str(tmp_path / "teacher" / "last"), **base, **options))
+        t.setup()
+        t.run()
+        return t
+
+    def kitten_share(trainer) -> float:
+        v = trainer.vocab
+        trainer.decoder.eval()
+        from sat_cli.model.beam import DecodeSettings, beam_search
+
+        out = beam_search(trainer.decoder, trainer.train_feats.float(), DecodeSettings(beam_size=1, max_len=20),
+                          start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
+        words = [w for h in out for w in v.decode(h[0].tokens)]
+        return sum(w == "kitten" for w in words) / max(1, len(words))
+
+    taught, alone = student("taught", distill_weight=1.0), student("alone", distill_weight=0.0)
+    assert taught.vocab.itos == teacher.vocab.itos == alone.vocab.itos  # the student takes the teacher's words
+    assert "cat" not in taught.vocab.itos and kitten_share(teacher) > 0.05
+    shares = kitten_share(taught), kitten_share(alone)
+    assert shares[0] > 0.0 and shares[1] == 0.0, shares  # (6 epochs: 0.048 and 0)
+    with pytest.raises(SatError, match="image size"):
+        Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "other"), image_size=160,
+                            distill_from=str(tmp_path / "teacher" / "last"))).setup()
 
 
 def test_cli_resume_extends_a_finished_run(small_set, tmp_path):

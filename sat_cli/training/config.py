@@ -105,6 +105,13 @@ class TrainConfig:
     half: bool = opt(False, "Store best/ in float16 (half the size).", flag="half")
     init_from: str | None = opt(None, "Start from this checkpoint's decoder (its encoder, vocabulary and sizes), "
                                       "e.g. to adapt a model to your photos.", exists=True)
+    distill_from: str | None = opt(None, "Knowledge distillation: also learn each word's whole predicted distribution "
+                                         "from this checkpoint (the teacher), e.g. a strong model into one trained "
+                                         "from scratch. The teacher must read the same features (encoder, image size, "
+                                         "--feature-layers); the student takes its vocabulary.", exists=True)
+    distill_weight: float = opt(0.5, "With --distill-from: share of the word loss that follows the teacher (KL "
+                                     "divergence from its distribution); the rest is the cross-entropy with the "
+                                     "human caption.", min=0.0, max=1.0)
     scst_from: int | None = opt(None, "From this epoch on, self-critical training: sample captions and follow the "
                                       "CIDEr-D reward.", min=1, metavar="EPOCH")
     scst_samples: int = opt(5, "Captions sampled per image in self-critical training.", min=2)

@@ -3,7 +3,7 @@ features (or pixels while the encoder is fine-tuned), with hard attention's REIN
 
 from __future__ import annotations
 
-from .losses import caption_loss, hard_attention_loss
+from .losses import caption_loss, distill_loss, hard_attention_loss
 
 
 def freeze_batchnorm(module):
@@ -83,6 +83,10 @@ def xent_epoch(t, epoch: int, stop, progress, task) -> tuple[float, int, bool]:
             logits, alphas, loc_logp = t.model(feats, caps, lengths.tolist(), sampled, photo, products=t.products)
             loss, ce = caption_loss(logits.float(), alphas.float(), caps, lengths, cfg.attention_lambda,
                                     cfg.label_smoothing, t.vocab.pad)
+            if t.teacher is not None and cfg.distill_weight:  # (1 - w) x cross-entropy + w x KL(teacher)
+                with torch.no_grad():
+                    taught, _, _ = t.teacher(feats, caps, lengths.tolist(), None, photo, products=t.products)
+                loss = loss + cfg.distill_weight * (distill_loss(logits.float(), taught.float()) - ce)
             if t.box_cover is not None and cfg.box_weight:
                 from .boxes import box_loss
 

@@ -20,6 +20,16 @@ def caption_loss(logits, alphas, captions, lengths, attention_lambda, label_smoo
     return loss, ce
 
 
+def distill_loss(logits, teacher_logits):
+    """Knowledge distillation (Hinton et al. 2015, temperature 1): the KL divergence from the
+    teacher's word distribution to the student's, averaged over the N predicted positions.
+    Both (N, V), the same positions in the same order."""
+    import torch.nn.functional as F
+
+    return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
+                    reduction="batchmean")
+
+
 def hard_attention_loss(logits, alphas, loc_logp, sampled, captions, pad, baseline: float | None,
                         reinforce: float, entropy: float):
     """The REINFORCE part of hard attention (Xu et al. 2015, eq. 12), per predicted word.

@@ -111,11 +111,17 @@ class Trainer:
             layers=tuple(cfg.feature_layers) if cfg.feature_layers else None))
         if init is not None and init.config["encoder"].get("weights") == "checkpoint":
             self.encoder.load_state_dict(init.encoder.state_dict())
+        teacher = self.load_teacher() if cfg.distill_from else None
         last = self.out / "last"
         if self.resume and (last / "config.json").exists():
             self.vocab = Vocab(json.loads((last / "config.json").read_text())["vocab"])
         elif init is not None:
+            if teacher is not None and teacher.vocab.itos != init.vocab.itos:
+                raise SatError(f"--distill-from {cfg.distill_from} and --init-from {cfg.init_from} have different "
+                               "vocabularies: the student learns the teacher's distribution over its words")
             self.vocab = init.vocab
+        elif teacher is not None:
+            self.vocab = teacher.vocab
         else:
             self.vocab = Vocab.build((c for e in train for c in e.captions), cfg.min_word_freq)
 
@@ -165,6 +171,10 @@ class Trainer:
                      f"(layers {','.join(map(str, cfg.feature_layers))}; the added ones start at zero)")
         elif init is not None:
             self.decoder.load_state_dict(init.decoder.state_dict())
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = teacher.decoder.to(device).eval().requires_grad_(False)
+            self.say(f"Distilling from {cfg.distill_from} (weight {cfg.distill_weight:g} of the word loss)")
         self.encoder.to(device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                           **fused_adam(device))
@@ -184,6 +194,25 @@ class Trainer:
     def close(self):
         self.scopes.close()
         self.dist.close()
+
+    def load_teacher(self):
+        """The --distill-from checkpoint, refused unless it reads the features the student is trained on."""
+        from ..model.checkpoint import load_checkpoint
+
+        cfg = self.cfg
+        teacher = load_checkpoint(cfg.distill_from)
+        mine, theirs = self.encoder, teacher.encoder
+        differs = [what for what, a, b in (
+            ("encoder", mine.spec, theirs.spec), ("image size", mine.preprocess.size, theirs.preprocess.size),
+            ("grid", mine.grid_shape(), theirs.grid_shape()), ("feature layers", mine.layer_channels(),
+                                                                theirs.layer_channels()),
+            ("encoder weights", "pretrained", teacher.config["encoder"].get("weights", "pretrained"))) if a != b]
+        if differs:
+            raise SatError(f"--distill-from {cfg.distill_from} reads other features than this run ({', '.join(differs)}"
+                           f" differ): train the student with the teacher's encoder, --image-size and "
+                           f"--feature-layers ({theirs.spec}, {theirs.preprocess.size[0]} px, layers "
+                           f"{','.join(str(i) for i, _ in theirs.layer_channels())})")
+        return teacher
 
     def half_size_features(self, shas: dict):
         """Features of every training image at half the input size (half the grid), the tiles of
