@@ -503,7 +503,8 @@ class CatReward:
         return sum(w == "cat" for w in words) / max(1, len(words))
 
 
-def greedy_cat_share(trainer) -> float:
+def greedy_share(trainer, word: str = "cat") -> float:
+    """The share of ``word`` among the words of the trainer's greedy captions of its training photos."""
     from sat_cli.model.beam import DecodeSettings, beam_search
 
     v = trainer.vocab
@@ -511,7 +512,7 @@ def greedy_cat_share(trainer) -> float:
     out = beam_search(trainer.decoder, trainer.train_feats.float(), DecodeSettings(beam_size=1, max_len=20),
                       start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
     words = [w for h in out for w in v.decode(h[0].tokens)]
-    return sum(w == "cat" for w in words) / max(1, len(words))
+    return sum(w == word for w in words) / max(1, len(words))
 
 
 def test_self_critical_training_follows_the_reward(small_set, tmp_path):
@@ -528,7 +529,7 @@ def test_self_critical_training_follows_the_reward(small_set, tmp_path):
     assert rows[4]["lr"] == 1e-2 and summary["scst"] is True
     rewards = [r["train_reward"] for r in rows[4:]]
     assert rewards[-1] > 3 * rewards[0]
-    assert greedy_cat_share(trainer) > greedy_cat_share(xe) + 0.2  # the greedy captions moved too
+    assert greedy_share(trainer) > greedy_share(xe) + 0.2  # the greedy captions moved too
     assert "CIDEr" in rows[-1]  # validation still scores with pycocoevalcap
     # warm start: a new run from that checkpoint keeps its vocabulary and sizes
     again = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "again"), epochs=1,
@@ -558,20 +559,10 @@ def test_distillation_teaches_the_students_words_from_the_teacher(small_set, tmp
         t.run()
         return t
 
-    def kitten_share(trainer) -> float:
-        v = trainer.vocab
-        trainer.decoder.eval()
-        from sat_cli.model.beam import DecodeSettings, beam_search
-
-        out = beam_search(trainer.decoder, trainer.train_feats.float(), DecodeSettings(beam_size=1, max_len=20),
-                          start=v.start, end=v.end, blocked=(v.pad, v.start, v.unk))
-        words = [w for h in out for w in v.decode(h[0].tokens)]
-        return sum(w == "kitten" for w in words) / max(1, len(words))
-
     taught, alone = student("taught", distill_weight=1.0), student("alone", distill_weight=0.0)
     assert taught.vocab.itos == teacher.vocab.itos == alone.vocab.itos  # the student takes the teacher's words
-    assert "cat" not in taught.vocab.itos and kitten_share(teacher) > 0.05
-    shares = kitten_share(taught), kitten_share(alone)
+    assert "cat" not in taught.vocab.itos and greedy_share(teacher, "kitten") > 0.05
+    shares = greedy_share(taught, "kitten"), greedy_share(alone, "kitten")
     assert shares[0] > 0.0 and shares[1] == 0.0, shares  # (6 epochs: 0.048 and 0)
     with pytest.raises(SatError, match="image size"):
         Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "other"), image_size=160,
