@@ -422,6 +422,14 @@ def test_fine_tuning_trains_the_encoder_and_stores_it(small_set, tmp_path):
     config = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
     assert config["encoder"]["weights"] == "checkpoint"
     assert any(k.startswith("encoder.") for k in weights(tmp_path / "run" / "last"))
+    # a fine-tuned teacher reads other features than the pretrained encoder, the same as a student
+    # that starts from it
+    tuned = str(tmp_path / "run" / "last")
+    with pytest.raises(SatError, match="encoder weights"):
+        Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "s1"), distill_from=tuned)).setup()
+    student = Trainer(tiny_config(small_set, tmp_path, out=str(tmp_path / "s2"), distill_from=tuned, init_from=tuned))
+    student.setup()
+    assert student.teacher is not None
 
 
 # ------------------------------------------------------------------ metrics and eval

@@ -196,7 +196,10 @@ class Trainer:
         self.dist.close()
 
     def load_teacher(self):
-        """The --distill-from checkpoint, refused unless it reads the features the student is trained on."""
+        """The --distill-from checkpoint, refused unless it reads the features the student is trained
+        on (called once the student's encoder holds its weights, --init-from's included)."""
+        import torch
+
         from ..model.checkpoint import load_checkpoint
 
         cfg = self.cfg
@@ -205,8 +208,11 @@ class Trainer:
         differs = [what for what, a, b in (
             ("encoder", mine.spec, theirs.spec), ("image size", mine.preprocess.size, theirs.preprocess.size),
             ("grid", mine.grid_shape(), theirs.grid_shape()), ("feature layers", mine.layer_channels(),
-                                                                theirs.layer_channels()),
-            ("encoder weights", "pretrained", teacher.config["encoder"].get("weights", "pretrained"))) if a != b]
+                                                                theirs.layer_channels())) if a != b]
+        if not differs:  # a fine-tuned encoder (its own weights in a checkpoint) reads other features
+            own, other = mine.state_dict(), theirs.state_dict()
+            if own.keys() != other.keys() or not all(torch.equal(v.float(), other[k].float()) for k, v in own.items()):
+                differs.append("encoder weights")
         if differs:
             raise SatError(f"--distill-from {cfg.distill_from} reads other features than this run ({', '.join(differs)}"
                            f" differ): train the student with the teacher's encoder, --image-size and "
